@@ -1,0 +1,112 @@
+"""Losses of SiD and EDM, per element with no reduction (the caller sums and scales).
+
+* :class:`EDMLoss`: EDM's denoising loss, used to train teachers and SiD's fake-score network (spec §1.3).
+* :func:`sid_sigma` / :func:`sample_sid_sigma`: the rho=7 noise schedule restricted to u <= tmax/1000 (spec §1.4).
+* :func:`sid_generator_loss`: SiD's generator loss per element, with the per-sample normaliser applied.
+* :func:`finite_sample_mask`: which samples are free of NaN/Inf (bad samples are dropped from the losses).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .sampling import GeneratorArg, rand, randn
+
+__all__ = ['EDMLoss', 'sid_sigma', 'sample_sid_sigma', 'sid_generator_loss', 'finite_sample_mask']
+
+
+class EDMLoss:
+    """EDM denoising loss ``lambda(sigma) * (D(y + sigma n; sigma, labels, aug) - y)^2`` per element.
+
+    ln sigma ~ N(P_mean, P_std^2); lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2.
+
+    ``__call__(net, images, labels=None, augment_pipe=None, generator=None, *, sigma=None, noise=None,
+    augment_labels=None) -> [N, C, H, W]`` float32.
+
+    Random draws, in this order, from ``generator`` (None / one generator / per-sample generators):
+    the log-normal sigma, the augmentation, the noise n. ``sigma`` ``[N, 1, 1, 1]`` and ``noise``
+    ``[N, C, H, W]`` may be given explicitly instead. ``augment_labels`` is passed to the net when no
+    ``augment_pipe`` is used (e.g. zeros for a net built with ``augment_dim=9``).
+    """
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
+        self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
+
+    def sample_sigma(self, n: int, generator: GeneratorArg = None, device=None) -> torch.Tensor:
+        """Log-normal noise levels ``[n, 1, 1, 1]``."""
+        return (randn(n, [1, 1, 1], generator, device=device) * self.P_std + self.P_mean).exp()
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        sd = self.sigma_data
+        return (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+
+    def __call__(self, net, images, labels=None, augment_pipe=None, generator: GeneratorArg = None, *,
+                 sigma: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                 augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        n = images.shape[0]
+        if sigma is None:
+            sigma = self.sample_sigma(n, generator, device=images.device)
+        sigma = sigma.reshape(-1, 1, 1, 1).to(torch.float32)
+        if augment_pipe is not None:
+            y, augment_labels = augment_pipe(images, generator=generator)
+        else:
+            y = images
+        if noise is None:
+            noise = randn(n, y.shape[1:], generator, device=y.device)
+        kw = {} if augment_labels is None else {'augment_labels': augment_labels}
+        D = net(y + noise * sigma, sigma, labels, **kw)
+        return self.weight(sigma) * (D.to(torch.float32) - y.to(torch.float32)) ** 2
+
+
+def sid_sigma(u, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+    """Noise level of the rho-schedule at position ``u`` in [0, 1]: u=0 -> sigma_min, u=1 -> sigma_max.
+
+    sigma(u) = (sigma_min^(1/rho) + u (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho. Works on floats and tensors.
+    """
+    a, b = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (a + u * (b - a)) ** rho
+
+
+def sample_sid_sigma(n: int, tmax: float, *, generator: GeneratorArg = None, device=None,
+                     sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """SiD's generator-loss noise levels ``[n, 1, 1, 1]``: u ~ U(0, tmax/1000), sigma = sid_sigma(u).
+
+    tmax = 800 gives sigma in [0.002, 24.41] (spec §1.4).
+    """
+    u = rand(n, [1, 1, 1], generator, device=device) * (float(tmax) / 1000.0)
+    return sid_sigma(u, sigma_min, sigma_max, rho)
+
+
+def sid_generator_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SiD generator loss per element (spec §1.4), before any loss scale or reduction.
+
+    loss = (y_real - y_fake) * ((y_real - x_g) - alpha (y_real - y_fake)) / w,
+    w = max(1e-5, mean_{C,H,W} |x_g - y_real|) per sample, computed in fp32 and detached.
+
+    Shapes: all inputs ``[N, C, H, W]`` (any trailing dims); returns float32 of the same shape.
+    Gradients flow into x_g, y_real and y_fake (through the frozen networks' inputs) but not into w.
+    """
+    x_g, y_real, y_fake = x_g.to(torch.float32), y_real.to(torch.float32), y_fake.to(torch.float32)
+    with torch.no_grad():
+        dims = tuple(range(1, x_g.ndim))
+        w = (x_g - y_real).abs().mean(dim=dims, keepdim=True).clamp(min=1e-5)
+    diff = y_real - y_fake
+    return diff * ((y_real - x_g) - alpha * diff) / w
+
+
+def finite_sample_mask(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
+    """Bool ``[N]``: True for samples whose rows are finite (no NaN/Inf) in every given tensor.
+
+    ``None`` entries are ignored; every tensor's first dimension is the batch.
+    """
+    mask = None
+    for t in tensors:
+        if t is None:
+            continue
+        ok = torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(dim=1)
+        mask = ok if mask is None else mask & ok
+    if mask is None:
+        raise ValueError('finite_sample_mask needs at least one tensor')
+    return mask

@@ -1,0 +1,119 @@
+"""DhariwalUNet: the ADM U-Net (Dhariwal & Nichol) as used by EDM for ImageNet-64.
+
+Differences from SongUNet that matter for exact reproduction: scale/shift conditioning
+(``adaptive_scale``), skip_scale 1, GroupNorm eps 1e-5, weightless skip paths in resampling blocks
+with unchanged width, 64 channels per attention head, a positional embedding *without* the sin/cos
+swap, and class labels added after ``map_layer1`` through a bias-free layer without sqrt scaling.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+
+__all__ = ['DhariwalUNet']
+
+
+class DhariwalUNet(torch.nn.Module):
+    """ADM U-Net ``F(x; c_noise, labels)``.
+
+    Args (identical to EDM's):
+        img_resolution: input/output side length ``R``.
+        in_channels, out_channels: image channels in and out.
+        label_dim: number of classes (0 = unconditional; ImageNet uses 1000).
+        augment_dim: size of the augmentation-label vector (0 = none).
+        model_channels: base width (192).
+        channel_mult: width multiplier per resolution level ([1, 2, 3, 4]).
+        channel_mult_emb: embedding width = ``model_channels * channel_mult_emb`` (768).
+        num_blocks: residual blocks per encoder level (the decoder has one more).
+        attn_resolutions: resolutions with self-attention ([32, 16, 8]); heads = width / 64.
+        dropout: dropout probability inside residual blocks (training only).
+        label_dropout: probability of zeroing a sample's class label in training.
+
+    Forward shapes: ``x [N, in_channels, R, R]``, ``noise_labels [N]`` (or ``[1]``),
+    ``class_labels [N or 1, label_dim]`` or None, ``augment_labels [N, augment_dim]`` or None
+    -> ``[N, out_channels, R, R]``.
+    """
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+                 model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
+                 attn_resolutions=[32, 16, 8], dropout=0.10, label_dropout=0):
+        super().__init__()
+        self.label_dropout = label_dropout
+        emb_channels = model_channels * channel_mult_emb
+        init = dict(init_mode='kaiming_uniform', init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))
+        init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
+        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout,
+                            init=init, init_zero=init_zero)
+
+        # Mapping network (registration order fixes the state_dict order: map_label comes last).
+        self.map_noise = PositionalEmbedding(model_channels)
+        self.map_augment = (Linear(augment_dim, model_channels, bias=False, init_mode='kaiming_normal',
+                                   init_weight=np.sqrt(2)) if augment_dim else None)
+        self.map_layer0 = Linear(model_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        self.map_label = (Linear(label_dim, emb_channels, bias=False, init_mode='kaiming_normal',
+                                 init_weight=np.sqrt(label_dim)) if label_dim else None)
+
+        # Encoder.
+        self.enc = torch.nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_conv'] = Conv2d(cin, cout, kernel=3, **init)
+            else:
+                self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block_kwargs)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=(res in attn_resolutions),
+                                                                **block_kwargs)
+        skips = [block.out_channels for block in self.enc.values()]
+
+        # Decoder: every `block{idx}` consumes one skip, concatenated after the running features.
+        self.dec = torch.nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block_kwargs)
+            else:
+                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=(res in attn_resolutions),
+                                                                **block_kwargs)
+        self.out_norm = GroupNorm(cout)
+        self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
+
+    def embed(self, noise_labels, class_labels=None, augment_labels=None):
+        """Conditioning embedding ``[N, emb_channels]`` (no sin/cos swap; label added after map_layer1)."""
+        emb = self.map_noise(noise_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer0(emb))
+        emb = self.map_layer1(emb)
+        if self.map_label is not None:
+            labels = class_labels
+            if self.training and self.label_dropout:
+                keep = torch.rand([labels.shape[0], 1], device=labels.device) >= self.label_dropout
+                labels = labels * keep.to(labels.dtype)
+            emb = emb + self.map_label(labels)
+        return F.silu(emb)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        emb = self.embed(noise_labels, class_labels, augment_labels)
+
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:
+                # Concatenation order is [features, skip].
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))

@@ -1,0 +1,112 @@
+"""MLPNet: a small residual MLP denoiser for low-dimensional data.
+
+Low-dimensional data (e.g. 2-D toy distributions) are stored as ``[N, C, 1, 1]`` "images" so the
+same preconditioning wrappers, losses and samplers serve them unchanged:
+``EDMPrecond(img_resolution=1, img_channels=2, model_type='MLPNet', model_channels=128, num_layers=4)``.
+The constructor follows the U-Nets' pattern (``img_resolution, in_channels, out_channels,
+label_dim, augment_dim, ...``) so ``EDMPrecond`` builds it the same way.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .layers import FourierEmbedding, GroupNorm, Linear, PositionalEmbedding
+
+__all__ = ['MLPNet', 'MLPBlock']
+
+_INIT = dict(init_mode='xavier_uniform')
+# Near-zero output layers make every residual block start as the identity and the whole network
+# start near F = 0 (so D(x) starts near c_skip * x), as SongUNet does with its init_zero layers.
+_INIT_ZERO = dict(init_mode='xavier_uniform', init_weight=1e-5)
+
+
+class MLPBlock(torch.nn.Module):
+    """Pre-norm residual block ``x + fc1(drop(silu(fc0(silu(norm0(x))) + affine(emb))))``.
+
+    Shapes: ``x [N, channels], emb [N or 1, emb_channels] -> [N, channels]``.
+    """
+
+    def __init__(self, channels, emb_channels, dropout=0.0):
+        super().__init__()
+        self.dropout = dropout
+        # One group = layer norm over the feature dimension.
+        self.norm0 = GroupNorm(channels, num_groups=1)
+        self.fc0 = Linear(channels, channels, **_INIT)
+        self.affine = Linear(emb_channels, channels, **_INIT)
+        self.fc1 = Linear(channels, channels, **_INIT_ZERO)
+
+    def forward(self, x, emb):
+        h = self.fc0(F.silu(self.norm0(x))) + self.affine(emb).to(x.dtype)
+        h = self.fc1(F.dropout(F.silu(h), p=self.dropout, training=self.training))
+        return x + h
+
+
+class MLPNet(torch.nn.Module):
+    """Residual MLP ``F(x; c_noise, labels)`` on flattened inputs.
+
+    Args:
+        img_resolution: side length ``R`` of the stored "image" (1 for vector data).
+        in_channels, out_channels: channels ``C`` in and out; the MLP sees ``C * R * R`` features.
+        label_dim: number of classes (0 = unconditional).
+        augment_dim: size of the augmentation-label vector (0 = none).
+        model_channels: hidden width (also the embedding width).
+        num_layers: number of residual blocks.
+        dropout: dropout probability inside the blocks (training only).
+        label_dropout: probability of zeroing a sample's class label in training.
+        embedding_type: 'positional' (sinusoidal, as DDPM++) or 'fourier' (random features, as NCSN++).
+
+    Forward shapes: ``x [N, in_channels, R, R]``, ``noise_labels [N]`` (or ``[1]``),
+    ``class_labels [N or 1, label_dim]`` or None, ``augment_labels [N, augment_dim]`` or None
+    -> ``[N, out_channels, R, R]``.
+    """
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+                 model_channels=128, num_layers=4, dropout=0.0, label_dropout=0,
+                 embedding_type='positional'):
+        if embedding_type not in ('fourier', 'positional'):
+            raise ValueError(f'embedding_type must be fourier or positional, not {embedding_type!r}')
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.out_channels = out_channels
+        self.label_dropout = label_dropout
+        in_features = in_channels * img_resolution * img_resolution
+        out_features = out_channels * img_resolution * img_resolution
+
+        if embedding_type == 'positional':
+            self.map_noise = PositionalEmbedding(model_channels, endpoint=True)
+        else:
+            self.map_noise = FourierEmbedding(model_channels)
+        self.map_label = Linear(label_dim, model_channels, **_INIT) if label_dim else None
+        self.map_augment = Linear(augment_dim, model_channels, bias=False, **_INIT) if augment_dim else None
+        self.map_layer0 = Linear(model_channels, model_channels, **_INIT)
+        self.map_layer1 = Linear(model_channels, model_channels, **_INIT)
+
+        self.inp = Linear(in_features, model_channels, **_INIT)
+        self.blocks = torch.nn.ModuleList([MLPBlock(model_channels, model_channels, dropout)
+                                           for _ in range(num_layers)])
+        self.out_norm = GroupNorm(model_channels, num_groups=1)
+        self.out = Linear(model_channels, out_features, **_INIT_ZERO)
+
+    def embed(self, noise_labels, class_labels=None, augment_labels=None):
+        """Conditioning embedding ``[N, model_channels]``."""
+        emb = self.map_noise(noise_labels)
+        if self.map_label is not None:
+            labels = class_labels
+            if self.training and self.label_dropout:
+                keep = torch.rand([labels.shape[0], 1], device=labels.device) >= self.label_dropout
+                labels = labels * keep.to(labels.dtype)
+            emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer0(emb))
+        return F.silu(self.map_layer1(emb))
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        n = x.shape[0]
+        emb = self.embed(noise_labels, class_labels, augment_labels)
+        h = self.inp(x.reshape(n, -1))
+        for block in self.blocks:
+            h = block(h, emb)
+        h = self.out(F.silu(self.out_norm(h)))
+        return h.reshape(n, self.out_channels, self.img_resolution, self.img_resolution)

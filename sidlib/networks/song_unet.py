@@ -1,0 +1,182 @@
+"""SongUNet: the DDPM++ / NCSN++ U-Net of EDM (Song et al.'s score-SDE architectures).
+
+Two paper variants differ only in constructor kwargs (as set by EDM's ``--arch``):
+
+* DDPM++: ``embedding_type='positional', encoder_type='standard', channel_mult_noise=1,
+  resample_filter=[1, 1]``.
+* NCSN++: ``embedding_type='fourier', encoder_type='residual', channel_mult_noise=2,
+  resample_filter=[1, 3, 3, 1]``.
+
+Module names, registration order and parameter shapes follow EDM exactly, so EDM state_dicts load
+strictly (``model.enc.32x32_block0.conv0.weight`` etc.).
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+
+__all__ = ['SongUNet']
+
+
+class SongUNet(torch.nn.Module):
+    """DDPM++ / NCSN++ U-Net ``F(x; c_noise, labels)``.
+
+    Args (identical to EDM's):
+        img_resolution: input/output side length ``R`` (power of two times ``2**(len(channel_mult)-1)``).
+        in_channels, out_channels: image channels in and out.
+        label_dim: number of classes (0 = unconditional).
+        augment_dim: size of the augmentation-label vector (0 = none; EDM uses 9).
+        model_channels: base width (128).
+        channel_mult: width multiplier per resolution level.
+        channel_mult_emb: embedding width = ``model_channels * channel_mult_emb`` (512).
+        num_blocks: residual blocks per encoder level (the decoder has one more).
+        attn_resolutions: resolutions whose blocks get self-attention.
+        dropout: dropout probability inside residual blocks (training only).
+        label_dropout: probability of zeroing a sample's class label in training (for CFG).
+        embedding_type: 'positional' (DDPM++) or 'fourier' (NCSN++).
+        channel_mult_noise: noise-embedding width = ``model_channels * channel_mult_noise``.
+        encoder_type: 'standard', 'skip' (DDPM++ with input skips) or 'residual' (NCSN++).
+        decoder_type: 'standard' or 'skip'.
+        resample_filter: FIR taps for up/down-sampling ([1, 1] DDPM++, [1, 3, 3, 1] NCSN++).
+
+    Forward shapes: ``x [N, in_channels, R, R]``, ``noise_labels [N]`` (or ``[1]``, broadcast),
+    ``class_labels [N or 1, label_dim]`` (one-hot, float) or None,
+    ``augment_labels [N, augment_dim]`` or None  ->  ``[N, out_channels, R, R]``.
+    """
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+                 model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
+                 attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type='positional',
+                 channel_mult_noise=1, encoder_type='standard', decoder_type='standard',
+                 resample_filter=[1, 1]):
+        if embedding_type not in ('fourier', 'positional'):
+            raise ValueError(f'embedding_type must be fourier or positional, not {embedding_type!r}')
+        if encoder_type not in ('standard', 'skip', 'residual'):
+            raise ValueError(f'encoder_type must be standard, skip or residual, not {encoder_type!r}')
+        if decoder_type not in ('standard', 'skip'):
+            raise ValueError(f'decoder_type must be standard or skip, not {decoder_type!r}')
+        super().__init__()
+        self.label_dropout = label_dropout
+        emb_channels = model_channels * channel_mult_emb
+        noise_channels = model_channels * channel_mult_noise
+        init = dict(init_mode='xavier_uniform')
+        init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
+        init_attn = dict(init_mode='xavier_uniform', init_weight=np.sqrt(0.2))
+        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout,
+                            skip_scale=np.sqrt(0.5), eps=1e-6, resample_filter=resample_filter,
+                            resample_proj=True, adaptive_scale=False,
+                            init=init, init_zero=init_zero, init_attn=init_attn)
+
+        # Mapping network (registration order fixes the state_dict order).
+        if embedding_type == 'positional':
+            self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
+        else:
+            self.map_noise = FourierEmbedding(noise_channels)
+        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
+        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
+        self.map_layer0 = Linear(noise_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+
+        # Encoder. `cout` tracks the running feature width, `caux` the width of the auxiliary
+        # (input-image or residual) path.
+        self.enc = torch.nn.ModuleDict()
+        cout = in_channels
+        caux = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels
+                self.enc[f'{res}x{res}_conv'] = Conv2d(cin, cout, kernel=3, **init)
+            else:
+                self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block_kwargs)
+                if encoder_type == 'skip':
+                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(caux, caux, kernel=0, down=True,
+                                                               resample_filter=resample_filter)
+                    self.enc[f'{res}x{res}_aux_skip'] = Conv2d(caux, cout, kernel=1, **init)
+                if encoder_type == 'residual':
+                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, cout, kernel=3, down=True,
+                                                                   resample_filter=resample_filter,
+                                                                   fused_resample=True, **init)
+                    caux = cout
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=(res in attn_resolutions),
+                                                                **block_kwargs)
+        # Widths of the tensors the encoder pushes onto the skip stack (aux layers push nothing).
+        skips = [block.out_channels for name, block in self.enc.items() if 'aux' not in name]
+
+        # Decoder: every `block{idx}` consumes one skip, concatenated after the running features.
+        self.dec = torch.nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block_kwargs)
+            else:
+                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                attn = (idx == num_blocks and res in attn_resolutions)
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+            if decoder_type == 'skip' or level == 0:
+                if decoder_type == 'skip' and level < len(channel_mult) - 1:
+                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(out_channels, out_channels, kernel=0, up=True,
+                                                             resample_filter=resample_filter)
+                self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(cout, eps=1e-6)
+                self.dec[f'{res}x{res}_aux_conv'] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+
+    def embed(self, noise_labels, class_labels=None, augment_labels=None):
+        """Conditioning embedding ``[N, emb_channels]`` from the noise labels, labels and augment labels."""
+        emb = self.map_noise(noise_labels)
+        # EDM's SongUNet feeds [sin, cos] rather than [cos, sin]: swap the two halves.
+        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
+        if self.map_label is not None:
+            labels = class_labels
+            if self.training and self.label_dropout:
+                keep = torch.rand([labels.shape[0], 1], device=labels.device) >= self.label_dropout
+                labels = labels * keep.to(labels.dtype)
+            # One-hot labels are scaled by sqrt(label_dim) so the embedding has unit-scale inputs.
+            emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer0(emb))
+        return F.silu(self.map_layer1(emb))
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        emb = self.embed(noise_labels, class_labels, augment_labels)
+
+        # Encoder.
+        skips = []
+        aux = x
+        for name, block in self.enc.items():
+            if 'aux_down' in name:
+                aux = block(aux)
+            elif 'aux_skip' in name:
+                x = skips[-1] = x + block(aux)
+            elif 'aux_residual' in name:
+                # NCSN++ residual encoder: the merged features replace the last skip and become the
+                # new auxiliary input of the next level.
+                x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
+            else:
+                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                skips.append(x)
+
+        # Decoder. `aux` accumulates the output image (only the last level in the standard decoder).
+        aux = None
+        tmp = None
+        for name, block in self.dec.items():
+            if 'aux_up' in name:
+                aux = block(aux)
+            elif 'aux_norm' in name:
+                tmp = block(x)
+            elif 'aux_conv' in name:
+                tmp = block(F.silu(tmp))
+                aux = tmp if aux is None else tmp + aux
+            else:
+                if x.shape[1] != block.in_channels:
+                    # Concatenation order is [features, skip].
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return aux

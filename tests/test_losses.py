@@ -1,0 +1,298 @@
+"""Losses, noise schedule, NaN guards, augmentation and EMA of the SiD method (tiny CPU tensors)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sidlib.augment import AugmentPipe
+from sidlib.distill import generator_loss
+from sidlib.ema import ema_beta, update_ema
+from sidlib.losses import EDMLoss, finite_sample_mask, sample_sid_sigma, sid_generator_loss, sid_sigma
+from sidlib.sampling import sample_generators
+
+
+class TinyDenoiser(torch.nn.Module):
+    """Stand-in EDM-like denoiser: D(x; s) = c_skip(s) x + c_out(s) tanh(conv(x)) + optional augment term."""
+
+    def __init__(self, channels=3, seed=0, augment_dim=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.3)
+            self.conv.bias.copy_(torch.randn(self.conv.bias.shape, generator=g) * 0.1)
+        self.aug = torch.nn.Linear(augment_dim, channels, bias=False) if augment_dim else None
+        self.img_channels, self.img_resolution, self.label_dim = channels, 4, 0
+        self.init_kwargs = {'augment_dim': augment_dim}
+        self.seen_augment_labels = None
+
+    def forward(self, x, sigma, class_labels=None, augment_labels=None):
+        s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        out = 0.25 / (s ** 2 + 0.25) * x + s * 0.5 / (s ** 2 + 0.25).sqrt() * torch.tanh(self.conv(x))
+        self.seen_augment_labels = augment_labels
+        if self.aug is not None and augment_labels is not None:
+            out = out + self.aug(augment_labels)[:, :, None, None]
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise schedule.
+
+def test_sid_sigma_endpoints_for_tmax_800():
+    assert sid_sigma(0.0) == pytest.approx(0.002, rel=1e-12)
+    assert sid_sigma(1.0) == pytest.approx(80.0, rel=1e-12)
+    assert sid_sigma(0.8) == pytest.approx(24.41, abs=0.005)
+    s = sample_sid_sigma(20000, 800, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (20000, 1, 1, 1)
+    assert s.min() >= 0.002 - 1e-9 and s.max() <= sid_sigma(0.8) + 1e-6
+    # u ~ U(0, 0.8) has median 0.4, and sigma(u) is monotone.
+    assert s.median().item() == pytest.approx(sid_sigma(0.4), rel=0.05)
+
+
+def test_sid_sigma_matches_code_form():
+    # SiD writes the schedule as sigma_max^(1/rho) + (1-u)(sigma_min^(1/rho) - sigma_max^(1/rho)).
+    u = np.linspace(0, 1, 11)
+    alt = (80 ** (1 / 7) + (1 - u) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    np.testing.assert_allclose(sid_sigma(u), alt, rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# SiD generator loss.
+
+def _rand(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def test_sid_generator_loss_equals_formula():
+    x_g, yr, yf = _rand([5, 3, 4, 4], 1), _rand([5, 3, 4, 4], 2), _rand([5, 3, 4, 4], 3)
+    for alpha in (1.0, 1.2, -0.5):
+        got = sid_generator_loss(x_g, yr, yf, alpha).double().numpy()
+        a, b, c = x_g.double().numpy(), yr.double().numpy(), yf.double().numpy()
+        w = np.maximum(1e-5, np.abs(a - b).mean(axis=(1, 2, 3), keepdims=True))
+        want = (b - c) * ((b - a) - alpha * (b - c)) / w
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        # Algebraic equivalent form of spec §1.4.
+        alt = ((b - c) * (c - a) + (1 - alpha) * (b - c) ** 2) / w
+        np.testing.assert_allclose(got, alt, rtol=1e-4, atol=1e-5)
+
+
+def test_sid_generator_loss_gradients_match_hand_derivation():
+    alpha = 1.2
+    x_g = _rand([4, 2, 3, 3], 4).requires_grad_(True)
+    yr = _rand([4, 2, 3, 3], 5).requires_grad_(True)
+    yf = _rand([4, 2, 3, 3], 6).requires_grad_(True)
+    g = _rand([4, 2, 3, 3], 7)  # random cotangent
+    loss = sid_generator_loss(x_g, yr, yf, alpha)
+    gx, gr, gf = torch.autograd.grad((loss * g).sum(), [x_g, yr, yf])
+    with torch.no_grad():
+        w = (x_g - yr).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-5)  # treated as a constant
+        d = yr - yf
+        e = (yr - x_g) - alpha * d
+        want_x = -d / w * g
+        want_r = (e + d * (1 - alpha)) / w * g
+        want_f = (-e + alpha * d) / w * g
+    torch.testing.assert_close(gx, want_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gr, want_r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gf, want_f, rtol=1e-5, atol=1e-6)
+
+
+def test_sid_generator_loss_normaliser_is_clamped():
+    x = _rand([2, 1, 2, 2], 8)
+    yf = _rand([2, 1, 2, 2], 9)
+    loss = sid_generator_loss(x, x.clone(), yf, 1.0)  # |x_g - y_real| = 0 -> w = 1e-5
+    want = (x - yf) * (-(x - yf)) / 1e-5
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-3)
+    assert torch.isfinite(loss).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# NaN guards.
+
+def test_finite_sample_mask_flags_rows_with_nan_or_inf():
+    a = torch.zeros(4, 2, 2, 2)
+    b = torch.zeros(4, 2, 2, 2)
+    a[1, 0, 0, 0] = float('nan')
+    b[3, 1, 1, 1] = float('-inf')
+    assert finite_sample_mask(a, None, b).tolist() == [True, False, True, False]
+
+
+class NaNOnSamples(torch.nn.Module):
+    """Wraps a denoiser and poisons the outputs of the given sample rows with NaN."""
+
+    def __init__(self, net, rows):
+        super().__init__()
+        self.net, self.rows = net, rows
+
+    def forward(self, x, sigma, class_labels=None, **kw):
+        out = self.net(x, sigma, class_labels, **kw)
+        poison = torch.zeros(x.shape[0], 1, 1, 1)
+        poison[self.rows] = float('nan')
+        return out + poison
+
+
+def test_nan_samples_are_dropped_from_the_generator_loss():
+    G, teacher, fake = TinyDenoiser(seed=1), TinyDenoiser(seed=2), TinyDenoiser(seed=3)
+    for net in (teacher, fake):
+        net.requires_grad_(False)
+    z, n = _rand([6, 3, 4, 4], 10), _rand([6, 3, 4, 4], 11)
+    sigma = sample_sid_sigma(6, 800, generator=torch.Generator().manual_seed(0))
+    loss, keep, _ = generator_loss(G, NaNOnSamples(teacher, [1, 4]), fake, z, None, sigma, n,
+                                   init_sigma=2.5, alpha=1.2)
+    assert keep.tolist() == [True, False, True, True, False, True]
+    assert loss.shape[0] == 4 and torch.isfinite(loss).all()
+    # The kept rows equal the loss computed on the clean samples alone.
+    clean, _, _ = generator_loss(G, teacher, fake, z[keep], None, sigma[keep], n[keep], init_sigma=2.5, alpha=1.2)
+    torch.testing.assert_close(loss, clean)
+    # Dropped samples contribute no gradient: G's gradient equals that of the clean subset.
+    G.zero_grad()
+    loss.sum().backward()
+    with_nan = [p.grad.clone() for p in G.parameters()]
+    G.zero_grad()
+    clean.sum().backward()
+    for a, b in zip(with_nan, (p.grad for p in G.parameters())):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradient paths of the generator step.
+
+def _g_grad(G, teacher, fake, z, sigma, n):
+    G.zero_grad(set_to_none=True)
+    loss, _, _ = generator_loss(G, teacher, fake, z, None, sigma, n, init_sigma=2.5, alpha=1.2)
+    loss.sum().backward()
+    return torch.cat([p.grad.flatten() for p in G.parameters()])
+
+
+class DetachInput(torch.nn.Module):
+    """Feeds the wrapped net a detached input: cuts the gradient path through the net's input."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, *a, **kw):
+        return self.net(x.detach(), *a, **kw)
+
+
+def test_frozen_teacher_and_fake_get_no_parameter_gradients_but_pass_input_gradients():
+    G, teacher, fake = TinyDenoiser(seed=1), TinyDenoiser(seed=2), TinyDenoiser(seed=3)
+    teacher.requires_grad_(False)
+    fake.requires_grad_(False)
+    z, n = _rand([4, 3, 4, 4], 12), _rand([4, 3, 4, 4], 13)
+    sigma = sample_sid_sigma(4, 800, generator=torch.Generator().manual_seed(1))
+    full = _g_grad(G, teacher, fake, z, sigma, n)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None for p in fake.parameters())
+    assert torch.isfinite(full).all() and full.abs().sum() > 0
+    # Cutting either frozen network's input path changes G's gradient, so both paths carry gradient.
+    no_teacher_path = _g_grad(G, DetachInput(teacher), fake, z, sigma, n)
+    no_fake_path = _g_grad(G, teacher, DetachInput(fake), z, sigma, n)
+    no_paths = _g_grad(G, DetachInput(teacher), DetachInput(fake), z, sigma, n)
+    for other in (no_teacher_path, no_fake_path, no_paths):
+        assert (full - other).abs().max() > 1e-4 * full.abs().max()
+    # Linearity of the backward pass: the two input paths add up.
+    torch.testing.assert_close(full - no_paths, (full - no_teacher_path) + (full - no_fake_path),
+                               rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# EDM loss.
+
+def test_edm_loss_equals_formula_with_given_sigma_and_noise():
+    net = TinyDenoiser(seed=4)
+    y, n = _rand([3, 3, 4, 4], 14), _rand([3, 3, 4, 4], 15)
+    sigma = torch.tensor([0.1, 1.0, 10.0]).reshape(-1, 1, 1, 1)
+    got = EDMLoss()(net, y, sigma=sigma, noise=n)
+    with torch.no_grad():
+        lam = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+        want = lam * (net(y + sigma * n, sigma) - y) ** 2
+    torch.testing.assert_close(got, want)
+
+
+def test_edm_loss_sigma_is_lognormal():
+    s = EDMLoss().sample_sigma(40000, torch.Generator().manual_seed(3))
+    ln = s.log().flatten().double()
+    se = 1.2 / math.sqrt(ln.numel())
+    assert abs(ln.mean().item() + 1.2) < 4 * se
+    assert ln.std().item() == pytest.approx(1.2, rel=0.02)
+
+
+def test_edm_loss_per_sample_generators_make_rows_independent_of_batch_split():
+    net = TinyDenoiser(seed=5, augment_dim=9)
+    pipe = AugmentPipe.sid_default(0.5)
+    y = _rand([6, 3, 4, 4], 16)
+    gens = sample_generators(range(6), 123, 0)
+    whole = EDMLoss()(net, y, augment_pipe=pipe, generator=gens)
+    assert net.seen_augment_labels.shape == (6, 9)
+    parts = torch.cat([EDMLoss()(net, y[i:i + 2], augment_pipe=pipe, generator=sample_generators(range(i, i + 2), 123, 0))
+                       for i in (0, 2, 4)])
+    torch.testing.assert_close(whole, parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentation.
+
+def test_augment_p0_is_identity_with_zero_labels():
+    x = _rand([5, 3, 8, 8], 17)
+    out, lab = AugmentPipe.sid_default(0.0)(x, generator=torch.Generator().manual_seed(0))
+    assert lab.shape == (5, 9)
+    assert torch.equal(out, x) and torch.count_nonzero(lab) == 0
+
+
+def test_augment_xflip_flips_exactly_the_labelled_samples():
+    x = _rand([64, 1, 4, 4], 18)
+    out, lab = AugmentPipe(p=1.0, xflip=1e8)(x, generator=torch.Generator().manual_seed(1))
+    flipped = lab[:, 0].bool()
+    assert 10 < int(flipped.sum()) < 54  # fair coin
+    assert torch.equal(out[flipped], x[flipped].flip(3))
+    assert torch.equal(out[~flipped], x[~flipped])
+
+
+def test_augment_warp_by_quarter_turn_is_rot90():
+    x = _rand([1, 2, 6, 6], 19)
+    ang = torch.tensor([math.pi / 2])
+    c, s = ang.cos(), ang.sin()
+    G_inv = torch.tensor([[[c.item(), s.item(), 0.0], [-s.item(), c.item(), 0.0], [0.0, 0.0, 1.0]]])
+    out = AugmentPipe._warp(x, G_inv, torch.tensor([True]))
+    matches = [torch.allclose(out, torch.rot90(x, k, dims=(2, 3)), atol=1e-5) for k in (1, -1)]
+    assert any(matches)
+
+
+def test_augment_all_on_gives_finite_labels_that_match_applied_transforms():
+    x = _rand([32, 3, 8, 8], 20)
+    out, lab = AugmentPipe.sid_default(1.0)(x, generator=torch.Generator().manual_seed(2))
+    assert lab.shape == (32, 9) and torch.isfinite(lab).all() and torch.isfinite(out).all()
+    # Rotation labels are (cos - 1, sin) of one angle.
+    torch.testing.assert_close((lab[:, 3] + 1) ** 2 + lab[:, 4] ** 2, torch.ones(32), rtol=1e-5, atol=1e-5)
+    # Samples with all-zero geometric labels and no flips are returned untouched.
+    ident = (lab.abs().sum(1) == 0)
+    assert torch.equal(out[ident], x[ident])
+
+
+# ------------------------------------------------------------------------------------------------
+# EMA.
+
+def test_ema_beta_matches_half_life():
+    batch, h_kimg = 256, 500
+    nimg = 10 ** 9  # ramp-up inactive: 0.05 * nimg > h
+    beta = ema_beta(batch, nimg, h_kimg, 0.05)
+    # After h/batch updates the old weights are halved.
+    assert beta ** (h_kimg * 1000 / batch) == pytest.approx(0.5, rel=1e-9)
+    # Ramp-up: the effective half-life is 0.05 * images seen.
+    nimg = 100_000
+    assert ema_beta(batch, nimg, h_kimg, 0.05) == pytest.approx(0.5 ** (batch / (0.05 * nimg)), rel=1e-12)
+    assert ema_beta(batch, 0, h_kimg, 0.05) == 0.0
+    assert ema_beta(batch, 0, h_kimg, None) == pytest.approx(0.5 ** (batch / 5e5))
+
+
+def test_update_ema_is_a_lerp_of_parameters():
+    a, b = TinyDenoiser(seed=6), TinyDenoiser(seed=7)
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    update_ema(a, b, 0.9)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * b.state_dict()[k])
+    update_ema(a, b, 0.0)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k])

@@ -1,0 +1,158 @@
+"""sidlib.paper: tables keep reported and measured numbers apart; figures are written. No network, no GPU."""
+
+import csv
+import io
+import json
+import math
+
+import pytest
+
+from sidlib import fid_protocol as FP
+from sidlib import paper
+
+
+def fake_result(benchmark, fids, *, method="SiD", alpha=1.2, nfe=1, num_images=50_000, network="x.pkl", isc=None,
+                pr=None):
+    """A metrics JSON as sidlib.fid_protocol writes it (summary built by its own summarise_trials)."""
+    names = FP.metric_names(num_images)
+    trials = []
+    for i, f in enumerate(fids):
+        t = {"trial": i, names["fid"]: f}
+        if isc is not None:
+            t[names["is"]] = isc[i]
+        if pr is not None:
+            t[f"{names['pr']}_precision"], t[f"{names['pr']}_recall"] = pr[i]
+        trials.append(t)
+    return {"format": FP.FORMAT, "benchmark": benchmark, "method": method, "alpha": alpha, "nfe": nfe,
+            "network": network, "protocol": {"name": names["fid"], "proxy": names["proxy"], "num_images": num_images},
+            "trials": trials, "summary": FP.summarise_trials(trials, names)}
+
+
+def write(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_text(json.dumps(data))
+    return p
+
+
+def numbers(text):
+    out = set()
+    for cell in text:
+        try:
+            out.add(round(float(cell), 9))
+        except (TypeError, ValueError):
+            pass
+    return out
+
+
+MEASURED_COLS = [c for c in paper.CSV_COLUMNS if c.startswith("measured_") and c not in
+                 ("measured_what", "measured_protocol", "measured_file", "measured_proxy")]
+
+
+def rows_of(number, reported, measurements):
+    return list(csv.DictReader(io.StringIO(paper.table_csv(number, paper.build_table(number, reported,
+                                                                                       measurements)))))
+
+
+def test_reported_csv_loads_with_sources():
+    rows = paper.load_reported()
+    sid = {r["benchmark"]: r["fid"] for r in rows if r["method"] == "SiD"}
+    assert set(sid) == {"cifar10-uncond", "cifar10-cond", "imagenet64-cond", "ffhq64", "afhqv2-64"}
+    assert all(r["source"] and r["confidence"] for r in rows)
+
+
+def test_without_measurements_every_row_is_not_run_here_and_measured_columns_are_empty():
+    reported = paper.load_reported()
+    for n, spec in paper.TABLES.items():
+        rows = rows_of(n, reported, [])
+        assert len(rows) == sum(r["benchmark"] in spec["benchmarks"] for r in reported)
+        for row in rows:
+            assert row["status"] == paper.NOT_RUN
+            assert all(row[c] == "" for c in MEASURED_COLS + ["measured_what"])
+        md = paper.table_markdown(n, paper.build_table(n, reported, []))
+        assert md.count(paper.NOT_RUN) >= len(rows)
+
+
+def test_measurements_fill_only_their_row_and_never_take_reported_numbers(tmp_path):
+    reported = paper.load_reported()
+    files = [write(tmp_path, "sid.json", fake_result("cifar10-uncond", [2.11, 2.05, 2.2], isc=[9.8, 9.9, 9.7],
+                                                     network="sid-cifar10-uncond-alpha1.2")),
+             write(tmp_path, "teacher.json", fake_result("cifar10-uncond", [2.3], method="EDM teacher", alpha=None,
+                                                         nfe=35, network="edm-cifar10-32x32-uncond-vp")),
+             write(tmp_path, "alpha1.json", fake_result("cifar10-uncond", [2.4, 2.5], alpha=1.0)),
+             write(tmp_path, "imnet.json", fake_result("imagenet64-cond", [1.6], pr=[(0.74, 0.63)]))]
+    meas = paper.load_measurements([str(tmp_path / "*.json")])
+    assert len(meas) == 4
+    rows = rows_of(1, reported, meas)
+    sid = [r for r in rows if r["method"] == "SiD" and r["alpha"] == "1.2"]
+    assert len(sid) == 1
+    assert float(sid[0]["reported_fid"]) == 1.923
+    assert float(sid[0]["measured_fid_mean"]) == pytest.approx((2.11 + 2.05 + 2.2) / 3)
+    assert float(sid[0]["measured_fid_min_of_3"]) == 2.05 and float(sid[0]["measured_is_mean"]) == pytest.approx(9.8)
+    assert sid[0]["measured_what"].startswith("released checkpoint")
+    teacher = [r for r in rows if r["method"].startswith("EDM teacher")]
+    assert len(teacher) == 1 and float(teacher[0]["measured_fid_mean"]) == 2.3 and teacher[0]["reported_fid"] == "1.97"
+    extra = [r for r in rows if r["alpha"] == "1.0"]
+    assert len(extra) == 1 and extra[0]["reported_fid"] == "" and extra[0]["status"] == "measured"
+    for r in rows:
+        if r["status"] == paper.NOT_RUN:
+            assert all(r[c] == "" for c in MEASURED_COLS)
+    # Every number in a measured column comes from the JSON files; none is a reported value that was not measured.
+    measured_values = numbers(r[c] for r in rows for c in MEASURED_COLS)
+    json_values = set()
+    for m in meas:
+        json_values |= numbers(v for k, v in m.items() if k not in ("alpha", "nfe"))
+    assert measured_values <= json_values
+    reported_values = numbers(r["reported_fid"] for r in rows)
+    assert not (measured_values & reported_values)
+    t3 = rows_of(3, reported, meas)
+    sid3 = [r for r in t3 if r["method"] == "SiD"][0]
+    assert float(sid3["measured_precision"]) == 0.74 and float(sid3["measured_recall"]) == 0.63
+
+
+def test_proxy_measurements_are_labelled_proxy(tmp_path):
+    f = write(tmp_path, "p.json", fake_result("ffhq64", [3.1], num_images=10_000))
+    meas = paper.load_measurements([f])
+    rows = paper.build_table(4, paper.load_reported(), meas)
+    md = paper.table_markdown(4, rows)
+    assert "PROXY" in md and "fid10k_proxy" == meas[0]["protocol"]
+    row = [r for r in rows_of(4, paper.load_reported(), meas) if r["measured_fid_mean"]][0]
+    assert row["status"] == "measured (proxy)" and row["measured_proxy"] == "True"
+
+
+def test_unrelated_or_incomplete_json_is_skipped(tmp_path):
+    write(tmp_path, "other.json", {"fid": 1.0})
+    no_bench = fake_result("cifar10-cond", [1.8])
+    no_bench.pop("benchmark")
+    write(tmp_path, "nobench.json", no_bench)
+    with pytest.warns(UserWarning, match="benchmark"):
+        assert paper.load_measurements([tmp_path]) == []
+
+
+def test_write_tables_produces_markdown_and_csv(tmp_path):
+    (tmp_path / "in").mkdir()
+    f = write(tmp_path / "in", "a.json", fake_result("afhqv2-64", [1.7], alpha=1.0))
+    paths = paper.write_tables(tmp_path / "out", paper.load_measurements([f]))
+    names = {p.name for p in paths}
+    assert {"table1.md", "table4.csv", "tables.md"} <= names
+    text = (tmp_path / "out" / "table4.md").read_text()
+    assert "1.628" in text and "1.700 (1×50k)" in text
+
+
+def test_training_curve_and_figures(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"images_seen": 0, "metrics": {"fid10k_proxy": 80.0}}, {"images_seen": 5000},
+            {"images_seen": 10240, "metrics": {"fid10k_proxy": 20.0}},
+            {"images_seen": 20480, "metrics": {"fid10k_proxy": 9.5}}]
+    (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    (run / "config.json").write_text(json.dumps({"alpha": 1.2}))
+    c = paper.load_training_curve(run)
+    assert c["images"] == [0, 10240, 20480] and c["fid"] == [80.0, 20.0, 9.5] and c["metric"] == "fid10k_proxy"
+    assert c["alpha"] == 1.2
+    lines = paper.teacher_reference_lines("cifar10-uncond")
+    assert lines == {"EDM teacher, 35 NFE (reported)": 1.97}
+    png = paper.plot_fid_vs_images({"SiD α=1.2": (c["images"], c["fid"])}, lines, title="t", out=tmp_path / "f.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png2 = paper.plot_alpha_comparison({"toy": {0.5: 3.0, 1.0: 2.0, 1.2: 1.9}}, out=tmp_path / "a.png")
+    assert png2.stat().st_size > 1000
+    assert math.isfinite(sum(c["fid"]))
