@@ -233,7 +233,12 @@ def test_config_round_trip_and_presets():
     cfg = DistillConfig.from_dict({'preset': 'cifar10-uncond', 'batch': 64})
     assert cfg.batch == 64 and cfg.augment_p == 0.12 and cfg.dropout == 0.13 and cfg.lsg == 100
     assert DistillConfig.from_dict(cfg.to_dict()) == cfg
-    assert cfg.resolved_adam_eps() == 1e-8 and cfg.replace(precision='fp16').resolved_adam_eps() == 1e-6
+    assert cfg.resolved_adam_eps() == 1e-8
+    # Unset eps follows the precision (1e-6 under fp16); the fp16 presets state it explicitly.
+    assert cfg.replace(precision='fp16', adam_eps=None).resolved_adam_eps() == 1e-6
+    assert DistillConfig.from_dict({'preset': 'ffhq64'}).resolved_adam_eps() == 1e-6
+    with pytest.raises(ConfigError, match='unknown benchmark'):
+        DistillConfig.from_dict({'preset': 'cifar100'})
     with pytest.raises(ConfigError, match='lr'):
         DistillConfig.from_dict({'lr': 'fast'})
 
