@@ -341,6 +341,27 @@ def load_training_curve(run_dir: str | os.PathLike, metric: str | None = None) -
     return {"images": images, "fid": values, "metric": metric, "alpha": alpha, "run_dir": str(run)}
 
 
+def _save_log_y_figure(fig, ax, xlabel: str, metric_label: str, title: str, legend: bool, out) -> Path:
+    """Label a metric-vs-x axis (log y), write the PNG (150 dpi) atomically, close the figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    from sidlib.atomic import atomic_path
+
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{metric_label} (log scale, lower is better)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
+    plt.close(fig)
+    return out
+
+
 def plot_fid_vs_images(curves: Mapping[str, tuple], teacher_lines: Mapping[str, float], *, title: str,
                        out: str | os.PathLike, metric_label: str = "FID", log_x: bool = False) -> Path:
     """FID (log scale) against generator-synthesised images (millions), with horizontal teacher reference lines.
@@ -352,8 +373,6 @@ def plot_fid_vs_images(curves: Mapping[str, tuple], teacher_lines: Mapping[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sidlib.atomic import atomic_path
-
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, (images, fid) in curves.items():
         x = [i / 1e6 for i in images]
@@ -361,21 +380,10 @@ def plot_fid_vs_images(curves: Mapping[str, tuple], teacher_lines: Mapping[str, 
     styles = ["--", ":", "-.", (0, (5, 1))]
     for i, (label, value) in enumerate(teacher_lines.items()):
         ax.axhline(value, color="black", linestyle=styles[i % len(styles)], linewidth=1, label=label)
-    ax.set_yscale("log")
     if log_x:
         ax.set_xscale("log")
-    ax.set_xlabel("generator-synthesised images seen in distillation (millions)")
-    ax.set_ylabel(f"{metric_label} (log scale, lower is better)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    if curves or teacher_lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=150, format="png")
-    plt.close(fig)
-    return out
+    return _save_log_y_figure(fig, ax, "generator-synthesised images seen in distillation (millions)", metric_label,
+                              title, bool(curves or teacher_lines), out)
 
 
 def teacher_reference_lines(benchmark: str, reported=None, measurements: Sequence[Mapping] = ()) -> dict:
@@ -399,25 +407,11 @@ def plot_alpha_comparison(points: Mapping[str, Mapping[float, float]], *, out: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sidlib.atomic import atomic_path
-
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
     for label, pts in points.items():
         xs = sorted(pts)
         ax.plot(xs, [pts[a] for a in xs], marker="o", label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("α (SiD loss weighting, dimensionless)")
-    ax.set_ylabel(f"{metric_label} (log scale, lower is better)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    if points:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=150, format="png")
-    plt.close(fig)
-    return out
+    return _save_log_y_figure(fig, ax, "α (SiD loss weighting, dimensionless)", metric_label, title, bool(points), out)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

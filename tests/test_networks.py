@@ -768,3 +768,17 @@ def test_mlpnet_fits_a_point_mass():
         loss().backward()
         opt.step()
     assert loss().item() < 0.3 * start
+
+
+def test_label_dropout_zeroes_whole_rows_only_in_training():
+    from sidlib.networks.layers import drop_labels
+
+    labels = torch.nn.functional.one_hot(torch.arange(400) % 10, 10).float()
+    assert torch.equal(drop_labels(labels, 0.5, training=False), labels)
+    assert torch.equal(drop_labels(labels, 0.0, training=True), labels)
+    assert not drop_labels(labels, 1.0, training=True).any()
+    torch.manual_seed(0)
+    out = drop_labels(labels, 0.5, training=True)
+    kept = out.sum(1)
+    assert set(kept.tolist()) <= {0.0, 1.0} and torch.equal(out[kept == 1], labels[kept == 1])
+    assert 0.35 < 1 - kept.mean().item() < 0.65

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, drop_labels
 
 __all__ = ['DhariwalUNet']
 
@@ -96,10 +96,7 @@ class DhariwalUNet(torch.nn.Module):
         emb = F.silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
-            labels = class_labels
-            if self.training and self.label_dropout:
-                keep = torch.rand([labels.shape[0], 1], device=labels.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
+            labels = drop_labels(class_labels, self.label_dropout, self.training)
             emb = emb + self.map_label(labels)
         return F.silu(emb)
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'ATTENTION_BACKENDS', 'weight_init', 'Linear', 'Conv2d', 'GroupNorm', 'attention',
+    'ATTENTION_BACKENDS', 'drop_labels', 'weight_init', 'Linear', 'Conv2d', 'GroupNorm', 'attention',
     'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding', 'set_attention_backend',
     'get_default_attention_backend', 'set_default_attention_backend',
 ]
@@ -45,6 +45,17 @@ _default_attention_backend = 'math'
 
 # ----------------------------------------------------------------------------------------------
 # Initialisation (only matters for networks trained from scratch; loaded weights overwrite it).
+
+def drop_labels(labels, p, training):
+    """Zero whole rows of one-hot ``labels`` ``[N, label_dim]`` with probability ``p`` when ``training``.
+
+    Zeroed rows mean "no class": the label dropout EDM's networks use for classifier-free guidance.
+    """
+    if not (training and p):
+        return labels
+    keep = torch.rand([labels.shape[0], 1], device=labels.device) >= p
+    return labels * keep.to(labels.dtype)
+
 
 def weight_init(shape, mode, fan_in, fan_out):
     """Random tensor of ``shape`` drawn with one of EDM's four initialisation rules.

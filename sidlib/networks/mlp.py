@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layers import FourierEmbedding, GroupNorm, Linear, PositionalEmbedding
+from .layers import FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, drop_labels
 
 __all__ = ['MLPNet', 'MLPBlock']
 
@@ -92,10 +92,7 @@ class MLPNet(torch.nn.Module):
         """Conditioning embedding ``[N, model_channels]``."""
         emb = self.map_noise(noise_labels)
         if self.map_label is not None:
-            labels = class_labels
-            if self.training and self.label_dropout:
-                keep = torch.rand([labels.shape[0], 1], device=labels.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
+            labels = drop_labels(class_labels, self.label_dropout, self.training)
             emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)

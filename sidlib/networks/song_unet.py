@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock, drop_labels
 
 __all__ = ['SongUNet']
 
@@ -133,10 +133,7 @@ class SongUNet(torch.nn.Module):
         # EDM's SongUNet feeds [sin, cos] rather than [cos, sin]: swap the two halves.
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
         if self.map_label is not None:
-            labels = class_labels
-            if self.training and self.label_dropout:
-                keep = torch.rand([labels.shape[0], 1], device=labels.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
+            labels = drop_labels(class_labels, self.label_dropout, self.training)
             # One-hot labels are scaled by sqrt(label_dim) so the embedding has unit-scale inputs.
             emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
