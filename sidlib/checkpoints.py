@@ -43,7 +43,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from sidlib.atomic import atomic_open, atomic_path, atomic_write_bytes, atomic_write_text
+from sidlib.atomic import atomic_copy, atomic_open, atomic_path, atomic_write_bytes, atomic_write_text
 from sidlib.download import download, file_sha256
 from sidlib.edm_pickle import (CheckpointError, PersistentRecord, TensorInfo, UnsafePickleError,
                                network_from_record, plain_value, read_edm_pickle)
@@ -162,7 +162,7 @@ def resolve_source(source, *, cache_dir=None) -> tuple[Path, dict]:
         return download(url, sha256=KNOWN_SHA256.get(url), cache_dir=cache_dir), prov
     if isinstance(source, str) and _is_url(text):
         prov["url"] = text
-        return download(text, sha256=KNOWN_SHA256.get(text), cache_dir=cache_dir), prov
+        return _download_checkpoint(text, cache_dir), prov
     path = Path(text).expanduser()
     if path.exists():
         return path, prov
@@ -175,6 +175,21 @@ def resolve_source(source, *, cache_dir=None) -> tuple[Path, dict]:
         f"checkpoint {text!r} is not an existing file or directory, a file:// or http(s):// URL, "
         f"or a registered name" + (f" (did you mean {', '.join(hint)}?)" if hint else "")
         + f". Registered names: {', '.join(sorted(reg))}")
+
+
+def _download_checkpoint(url: str, cache_dir) -> Path:
+    """Download a checkpoint URL. Our own format is two files (``.safetensors`` weights and a ``.json`` sidecar):
+    a URL to either fetches both and keeps them side by side in the cache, and the weights' path is returned."""
+    parsed = urllib.parse.urlparse(url)
+    stem, suffix = os.path.splitext(parsed.path)
+    if suffix not in (".safetensors", ".json"):
+        return download(url, sha256=KNOWN_SHA256.get(url), cache_dir=cache_dir)
+    urls = [urllib.parse.urlunparse(parsed._replace(path=stem + ext)) for ext in (".safetensors", ".json")]
+    weights, sidecar = (download(u, sha256=KNOWN_SHA256.get(u), cache_dir=cache_dir) for u in urls)
+    beside = weights.with_suffix(".json")
+    if not beside.is_file() or file_sha256(beside) != file_sha256(sidecar):
+        atomic_copy(sidecar, beside)
+    return weights
 
 
 def _pick_latest(files: list[Path], what: str, directory: Path) -> Path:

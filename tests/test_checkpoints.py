@@ -422,6 +422,16 @@ def test_file_url_source(edm_pkl, nets, tmp_path):
     assert list((tmp_path / "c").rglob("*.pkl"))
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".json"])
+def test_file_url_to_our_format_fetches_weights_and_sidecar(nets, tmp_path, suffix):
+    net = nets["ddpmpp-cond"]
+    save_network(tmp_path / "src" / "net.safetensors", net, {"init_sigma": 2.5})
+    url = (tmp_path / "src" / f"net{suffix}").as_uri()
+    loaded = load_network(url, cache_dir=tmp_path / "c")
+    _assert_same_weights(loaded, net)
+    assert read_network_meta(url, cache_dir=tmp_path / "c")["meta"]["init_sigma"] == 2.5
+
+
 # ------------------------------------------------------------------------------ our format
 
 
