@@ -167,8 +167,18 @@ def train_teacher_variant(cfg: dict, variant: str, ckpt_dir, max_seconds: float 
                         max_seconds=max_seconds)
     done = out.suffix == ".safetensors"
     meta = json.loads(path.with_suffix(".json").read_text())["meta"] if done else {}
-    return {"variant": variant, "path": str(out), "complete": done, "iterations": meta.get("iterations"),
+    return {"variant": variant, "path": _shown_path(out), "complete": done, "iterations": meta.get("iterations"),
             "seconds": meta.get("seconds"), "parameters": meta.get("parameters")}
+
+
+def _shown_path(path) -> str:
+    """``path`` relative to the working directory when it lies inside it: committed records stay machine-independent."""
+    from pathlib import Path
+
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def eval_seeds(num: int, offset: int = 0) -> list[int]:

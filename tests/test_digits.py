@@ -1,4 +1,6 @@
 """digits: fixed split, value range, and the feature classifier."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -61,3 +63,13 @@ def test_classifier_learns_and_round_trips(tmp_path):
     assert torch.equal(loaded.features(sp.test_images[:8]), model.features(sp.test_images[:8]))
     with pytest.raises(FileNotFoundError, match="missing"):
         load_classifier(tmp_path / "missing")
+
+
+def test_recorded_paths_are_relative_inside_the_working_directory(tmp_path, monkeypatch):
+    from sidlib.digits import _shown_path
+
+    inside = tmp_path / "checkpoints" / "digits" / "network.safetensors"
+    monkeypatch.chdir(tmp_path)
+    assert _shown_path(inside) == str(Path("checkpoints") / "digits" / "network.safetensors")
+    outside = tmp_path.parent / "elsewhere.safetensors"
+    assert _shown_path(outside) == str(outside)
