@@ -36,6 +36,7 @@ test-notebooks: install
 bench: install
 	$(PY) benchmarks/bench_networks.py
 	$(PY) benchmarks/bench_sid_iteration.py
+	$(PY) benchmarks/bench_preset_memory.py
 
 clean-venv:
 	rm -rf $(VENV)
