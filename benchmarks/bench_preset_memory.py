@@ -104,18 +104,17 @@ def main(argv=None) -> int:
         return 0
 
     from sidlib import presets
-    names = args.presets or presets.preset_names()
-    unknown = sorted(set(names) - set(presets.preset_names()))
-    if unknown:
-        ap.error(f'unknown presets {unknown}; known: {presets.preset_names()}')
     if len(set(args.batches)) < 2 or min(args.batches) < 1:
         ap.error('--batches needs at least two different positive batch sizes')
+    try:  # every name is resolved before the first measurement, so a typo costs no minutes
+        chosen = {name: presets.get_preset(name) for name in (args.presets or presets.preset_names())}
+    except presets.PresetError as e:
+        ap.error(str(e))
     results = []
     print('| preset | params | precision measured | batches | fixed GB | GB per image | batch_gpu | '
           'estimated GB at batch_gpu |')
     print('|---|---|---|---|---|---|---|---|')
-    for name in names:
-        p = presets.get_preset(name)
+    for name, p in chosen.items():
         points = [_spawn(name, b, args.device) for b in args.batches]
         fixed, per_image = fit_line([r['batch'] for r in points], [r['peak_gb'] for r in points])
         estimate = fixed + per_image * int(p['batch_gpu'])

@@ -34,4 +34,6 @@ def test_unknown_preset_is_refused_before_any_measurement(capsys):
     mod = _load()
     with pytest.raises(SystemExit):
         mod.main(["--presets", "cifar100-uncond"])
-    assert "unknown presets ['cifar100-uncond']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'cifar100-uncond'" in err
+    assert "valid benchmarks: cifar10-uncond" in err
