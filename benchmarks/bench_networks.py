@@ -1,7 +1,7 @@
 """CPU throughput and memory of the paper teacher architectures.
 
 For each architecture (CIFAR-10 DDPM++ 32x32 and ImageNet-64 ADM by default) this builds the
-EDMPrecond network with the paper's constructor kwargs (random weights: speed does not depend on
+EDMPrecond network with the paper's constructor kwargs (``sidlib.networks.PAPER_NETWORKS``) (random weights: speed does not depend on
 their values) and measures, at the given batch size:
 
 * forward time per image (eval mode, ``torch.no_grad``), wall-clock and process CPU time,
@@ -32,15 +32,12 @@ import time
 
 import torch
 
-from sidlib.networks import EDMPrecond, set_attention_backend
+from sidlib.networks import EDMPrecond, paper_network, set_attention_backend, set_precision
 
+# The paper's teacher architectures, from sidlib's table (sidlib.networks.PAPER_NETWORKS).
 ARCHS = {
-    'cifar10-ddpmpp': dict(img_resolution=32, img_channels=3, label_dim=0, use_fp16=False, model_type='SongUNet',
-                           embedding_type='positional', encoder_type='standard', decoder_type='standard',
-                           channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
-                           channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13),
-    'imagenet64-adm': dict(img_resolution=64, img_channels=3, label_dim=1000, use_fp16=True,
-                           model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.1),
+    'cifar10-ddpmpp': paper_network('cifar10-uncond'),
+    'imagenet64-adm': paper_network('imagenet64-cond'),
 }
 ALIASES = {'ddpmpp': 'cifar10-ddpmpp', 'cifar10': 'cifar10-ddpmpp', 'adm': 'imagenet64-adm', 'imagenet': 'imagenet64-adm'}
 
@@ -92,7 +89,7 @@ def bench_one(arch, batch, repeats, attention='math', channels_last=False, amp=N
     torch.manual_seed(0)
     net = EDMPrecond(**ARCHS[arch])
     set_attention_backend(net, attention)
-    net.amp_dtype = amp
+    set_precision(net, amp or 'fp32')
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)
     g = torch.Generator().manual_seed(1)
@@ -155,7 +152,8 @@ def main(argv=None):
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--attention', choices=['math', 'sdpa'], default='math')
     parser.add_argument('--channels-last', action='store_true')
-    parser.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='autocast dtype (default: fp32)')
+    parser.add_argument('--amp', choices=['bf16', 'fp16'], default=None,
+                        help='precision of the network (sidlib.networks.set_precision; default: fp32)')
     parser.add_argument('--json', default=None, help='also write the results to this JSON file')
     parser.add_argument('--_child', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

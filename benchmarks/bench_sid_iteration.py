@@ -27,15 +27,18 @@ import tempfile
 import time
 from pathlib import Path
 
-ARCHS = {
-    # EDM's CIFAR-10 DDPM++ teacher (spec §5.3/5.4): 55.7 M parameters, augment_dim 9, dropout 0.13.
-    'cifar10-ddpmpp': dict(img_resolution=32, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=128,
-                           channel_mult=[2, 2, 2], embedding_type='positional', encoder_type='standard',
-                           decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], augment_dim=9,
-                           dropout=0.13),
-    'tiny': dict(img_resolution=8, img_channels=3, model_type='SongUNet', model_channels=16, channel_mult=[1, 2],
-                 num_blocks=1, attn_resolutions=[4], augment_dim=9, dropout=0.13),
-}
+def _archs() -> dict:
+    from sidlib.networks import edm_kwargs, paper_network
+    return {
+        # EDM's CIFAR-10 DDPM++ teacher (sidlib.networks.PAPER_NETWORKS): 55.7 M parameters, augment_dim 9.
+        'cifar10-ddpmpp': paper_network('cifar10-uncond'),
+        # The same architecture scaled down.
+        'tiny': edm_kwargs('ddpmpp', img_resolution=8, channel_mult=[1, 2], model_channels=16, num_blocks=1,
+                           attn_resolutions=[4], augment_dim=9, dropout=0.13),
+    }
+
+
+ARCH_NAMES = ('cifar10-ddpmpp', 'tiny')
 
 
 def _peak_mem_gb(device) -> float:
@@ -56,21 +59,19 @@ def _device(name):
 def part_reference(args) -> dict:
     """Mean seconds of one forward+backward (train mode, dropout on) of the network at the batch size."""
     import torch
-    from sidlib.networks import EDMPrecond
+    from sidlib.networks import EDMPrecond, set_precision
     device = _device(args.device)
     torch.manual_seed(0)
-    net = EDMPrecond(**ARCHS[args.arch]).to(device).train()
+    net = EDMPrecond(**_archs()[args.arch]).to(device).train()
+    set_precision(net, args.precision)   # as the loop does for its four networks
     r = net.img_resolution
     x = torch.randn([args.batch, net.img_channels, r, r], device=device)
     sigma = torch.exp(torch.randn([args.batch, 1, 1, 1], device=device) * 1.2 - 1.2)
     aug = torch.zeros([args.batch, 9], device=device)
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.precision)
 
     def step():
         net.zero_grad(set_to_none=True)
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
-        with ctx:
-            loss = (net(x + sigma * torch.randn_like(x), sigma, augment_labels=aug) - x).square().sum()
+        loss = (net(x + sigma * torch.randn_like(x), sigma, augment_labels=aug) - x).square().sum()
         loss.backward()
         if device.type == 'cuda':
             torch.cuda.synchronize()
@@ -88,14 +89,14 @@ def part_reference(args) -> dict:
 def part_sid(args) -> dict:
     """Mean seconds per SiD iteration through the real loop (first iteration excluded)."""
     import torch
-    from sidlib.checkpoints import save_network
     from sidlib.distill import distill
-    from sidlib.logging_utils import read_jsonl
+    from sidlib.io.checkpoints import save_network
+    from sidlib.io.logs import read_jsonl
     from sidlib.networks import EDMPrecond
     device = _device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        teacher = save_network(Path(tmp) / 'teacher', EDMPrecond(**ARCHS[args.arch]))
+        teacher = save_network(Path(tmp) / 'teacher', EDMPrecond(**_archs()[args.arch]))
         cfg = dict(teacher=str(teacher), batch=args.batch, batch_gpu=args.batch, iterations=args.iters + 1,
                    augment_p=0.12, dropout=0.13, precision=args.precision, device=str(device),
                    tick_kimg=1e9, snap_ticks=0, state_ticks=0, grid_size=0, progress=False,
@@ -120,7 +121,7 @@ def _spawn(part, argv) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--arch', choices=sorted(ARCHS), default='cifar10-ddpmpp')
+    p.add_argument('--arch', choices=sorted(ARCH_NAMES), default='cifar10-ddpmpp')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--iters', type=int, default=3, help='timed iterations (after one warm-up)')
     p.add_argument('--device', default='auto')

@@ -33,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .sampling import GeneratorArg, rand, randn
+from .rng import GeneratorArg, rand, randn
 
 __all__ = ['AugmentPipe']
 
@@ -87,7 +87,7 @@ class AugmentPipe:
 
     @classmethod
     def sid_default(cls, p: float) -> 'AugmentPipe':
-        """SiD's pipeline (spec §2.1): x-flip by a fair coin always, the rest gated by ``p``; 9 labels."""
+        """SiD's pipeline (its ``run_sid.sh`` augment settings): x-flip by a fair coin always, the rest gated by ``p``; 9 labels."""
         return cls(p=p, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 
     @property

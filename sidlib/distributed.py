@@ -13,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ['env_world_size', 'env_rank', 'env_local_rank', 'init', 'is_initialized', 'rank', 'world_size',
+__all__ = ['env_world_size', 'env_rank', 'env_local_rank', 'default_device', 'init', 'is_initialized', 'rank', 'world_size',
            'is_main', 'barrier', 'all_reduce_sum', 'broadcast_object', 'shutdown']
 
 
@@ -28,6 +28,11 @@ def env_rank() -> int:
 
 def env_local_rank() -> int:
     return int(os.environ.get('LOCAL_RANK', '0'))
+
+
+def default_device() -> torch.device:
+    """This process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is available, else the CPU."""
+    return torch.device('cuda', env_local_rank()) if torch.cuda.is_available() else torch.device('cpu')
 
 
 def is_initialized() -> bool:

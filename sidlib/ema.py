@@ -1,4 +1,4 @@
-"""Exponential moving average of the generator with a half-life and ramp-up (spec §1.6).
+"""Exponential moving average of the generator with a half-life and ramp-up (EDM's and SiD's training loops).
 
 beta = 0.5 ** (batch / max(h_eff, 1e-8)),  h_eff = min(halflife_kimg * 1000, rampup * cur_nimg)
 (without ramp-up h_eff = halflife_kimg * 1000). At cur_nimg = 0 with ramp-up, beta = 0, so the EMA

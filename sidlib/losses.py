@@ -1,8 +1,10 @@
-"""Losses of SiD and EDM, per element with no reduction (the caller sums and scales).
+"""Loss formulas of EDM and SiD, per element with no reduction (the training loop sums and scales).
 
-* :class:`EDMLoss`: EDM's denoising loss, used to train teachers and SiD's fake-score network (spec §1.3).
-* :func:`sid_sigma` / :func:`sample_sid_sigma`: the rho=7 noise schedule restricted to u <= tmax/1000 (spec §1.4).
-* :func:`sid_generator_loss`: SiD's generator loss per element, with the per-sample normaliser applied.
+* :class:`EDMLoss`: EDM's denoising loss (Karras et al. 2022, Eq. 2 with Table 1's weighting; EDM's
+  ``training/loss.py``), used to train teachers and, inside :class:`sidlib.sid_loss.SiDLoss`, the fake score.
+* :func:`sid_sigma` / :func:`sample_sid_sigma`: the rho = 7 noise schedule restricted to u <= tmax/1000.
+* :func:`sid_generator_loss`: SiD's generator loss per element (the paper's L2 - alpha L1 surrogate, with the
+  per-sample normaliser of SiD's ``training/sid_loss.py``).
 * :func:`finite_sample_mask`: which samples are free of NaN/Inf (bad samples are dropped from the losses).
 """
 
@@ -12,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .sampling import GeneratorArg, rand, randn
+from .rng import GeneratorArg, rand, randn
 
 __all__ = ['EDMLoss', 'sid_sigma', 'sample_sid_sigma', 'sid_generator_loss', 'finite_sample_mask']
 
@@ -73,14 +75,14 @@ def sample_sid_sigma(n: int, tmax: float, *, generator: GeneratorArg = None, dev
                      sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
     """SiD's generator-loss noise levels ``[n, 1, 1, 1]``: u ~ U(0, tmax/1000), sigma = sid_sigma(u).
 
-    tmax = 800 gives sigma in [0.002, 24.41] (spec §1.4).
+    tmax = 800 gives sigma in [0.002, 24.41].
     """
     u = rand(n, [1, 1, 1], generator, device=device) * (float(tmax) / 1000.0)
     return sid_sigma(u, sigma_min, sigma_max, rho)
 
 
 def sid_generator_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SiD generator loss per element (spec §1.4), before any loss scale or reduction.
+    """SiD generator loss per element, before any loss scale or reduction.
 
     loss = (y_real - y_fake) * ((y_real - x_g) - alpha (y_real - y_fake)) / w,
     w = max(1e-5, mean_{C,H,W} |x_g - y_real|) per sample, computed in fp32 and detached.

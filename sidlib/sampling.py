@@ -1,122 +1,23 @@
-"""Samplers and seeded randomness for EDM teachers and SiD generators (k-diffusion style plain functions).
+"""Samplers for EDM teachers and SiD generators, as k-diffusion-style plain functions ``(denoiser, x, sigmas, ...)``.
 
-* :func:`edm_sigmas` / :func:`heun_sampler`: EDM's deterministic/stochastic 2nd-order Heun sampler
-  (spec §5.7) for teacher denoisers, with the number of function evaluations (NFE) counted.
-* :func:`generate_onestep` / :func:`generate_fewstep`: sampling a SiD generator ``G``.
-* :func:`latents_for_seeds` / :func:`labels_for_seeds`: one ``torch.Generator`` per seed, so sample
-  ``i`` depends only on seed ``i`` and never on how seeds are split over processes.
-* :func:`derive_seed` / :func:`sample_generators` and the ``randn``/``rand``/``randint`` helpers:
-  the counter-based randomness the distillation loop uses to make every random draw a pure function
-  of ``(seed, iteration, phase, global sample index)``.
+* :func:`edm_sigmas` / :func:`heun_sampler`: EDM's deterministic/stochastic 2nd-order Heun sampler (Karras et al.
+  2022, Algorithm 2; EDM's ``generate.py``) for teacher denoisers, with the number of network evaluations counted.
+* :func:`generate_onestep` / :func:`generate_fewstep`: sampling a SiD generator ``G`` (SiD's ``generate_onestep.py``).
+* :func:`to_uint8`: images in [-1, 1] to the uint8 values EDM and SiD save.
 
-"Generator" arguments accept ``None`` (torch's global RNG), one ``torch.Generator``, or a sequence of
-per-sample generators (one per row of the batch). Draws from per-sample generators are made on each
-generator's device and then moved to the requested device.
+Seeded noise for evaluation (per-seed latents and labels) lives in :mod:`sidlib.rng`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Sequence
 
 import torch
 
-__all__ = [
-    'GeneratorArg', 'derive_seed', 'sample_generators', 'randn', 'rand', 'randint', 'random_labels',
-    'edm_sigmas', 'heun_sampler', 'generate_onestep', 'generate_fewstep', 'latents_for_seeds',
-    'labels_for_seeds', 'to_uint8',
-]
+from .rng import GeneratorArg, randn
 
-GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
-
-_MASK64 = (1 << 64) - 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Counter-based seeding.
-
-def _splitmix64(x: int) -> int:
-    """One round of the SplitMix64 finaliser: a bijective, well-mixing map on 64-bit integers."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed that is a pure, well-mixed function of the integer ``keys``.
-
-    Used as ``derive_seed(seed, iteration, phase, index)``: neighbouring keys give unrelated streams,
-    unlike ``seed + index``, whose streams of nearby seeds would overlap in meaning.
-    """
-    h = 0x243F6A8885A308D3
-    for k in keys:
-        h = _splitmix64(h ^ (int(k) & _MASK64))
-    return h >> 1
-
-
-def sample_generators(indices: Sequence[int], *keys: int, device='cpu') -> list:
-    """One freshly seeded ``torch.Generator`` per sample index: seed ``derive_seed(*keys, index)``."""
-    out = []
-    for i in indices:
-        g = torch.Generator(device=device)
-        g.manual_seed(derive_seed(*keys, int(i)))
-        out.append(g)
-    return out
-
-
-def _draw(fn, n, shape, generator, device, **kw):
-    shape = list(shape)
-    if generator is None:
-        return fn([n] + shape, device=device, **kw)
-    if isinstance(generator, torch.Generator):
-        out = fn([n] + shape, generator=generator, device=generator.device, **kw)
-        return out.to(device) if device is not None else out
-    if len(generator) != n:
-        raise ValueError(f'expected {n} per-sample generators, got {len(generator)}')
-    rows = [fn(shape, generator=g, device=g.device, **kw) for g in generator]
-    out = torch.stack(rows) if rows else fn([0] + shape, **kw)
-    return out.to(device) if device is not None else out
-
-
-def randn(n: int, shape: Sequence[int], generator: GeneratorArg = None, device=None,
-          dtype=torch.float32) -> torch.Tensor:
-    """Standard normal ``[n, *shape]``; row ``i`` comes from ``generator[i]`` when per-sample."""
-    return _draw(torch.randn, n, shape, generator, device, dtype=dtype)
-
-
-def rand(n: int, shape: Sequence[int], generator: GeneratorArg = None, device=None,
-         dtype=torch.float32) -> torch.Tensor:
-    """Uniform on [0, 1) ``[n, *shape]``; row ``i`` comes from ``generator[i]`` when per-sample."""
-    return _draw(torch.rand, n, shape, generator, device, dtype=dtype)
-
-
-def randint(n: int, high: int, generator: GeneratorArg = None, device=None) -> torch.Tensor:
-    """Integers in [0, high) ``[n]`` (int64)."""
-    if generator is None or isinstance(generator, torch.Generator):
-        dev = generator.device if generator is not None else device
-        out = torch.randint(high, [n], generator=generator, device=dev)
-        return out.to(device) if device is not None else out
-    return _draw(lambda shape, **kw: torch.randint(high, shape, **kw), n, [], generator, device)
-
-
-def random_labels(n: int, num_classes: int, generator: GeneratorArg = None, device=None,
-                  probs: Optional[Sequence[float]] = None) -> Optional[torch.Tensor]:
-    """One-hot class labels ``[n, num_classes]`` float32 (``None`` when ``num_classes == 0``).
-
-    Classes are uniform unless ``probs`` (length ``num_classes``, need not be normalised) is given;
-    either way exactly one uniform number is drawn per sample, by inverting the CDF.
-    """
-    if num_classes <= 0:
-        return None
-    u = rand(n, [], generator, device='cpu', dtype=torch.float64)
-    if probs is None:
-        idx = (u * num_classes).floor().long().clamp_(max=num_classes - 1)
-    else:
-        p = torch.as_tensor(probs, dtype=torch.float64)
-        cdf = torch.cumsum(p / p.sum(), 0)
-        idx = torch.searchsorted(cdf, u, right=True).clamp_(max=num_classes - 1)
-    return torch.nn.functional.one_hot(idx, num_classes).to(torch.float32).to(device)
+__all__ = ['edm_sigmas', 'heun_sampler', 'generate_onestep', 'generate_fewstep', 'augment_zeros', 'to_uint8']
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +47,7 @@ def _call(denoiser, x, sigma, class_labels):
 def heun_sampler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=None,
                  S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float('inf'),
                  S_noise: float = 1.0, generator: GeneratorArg = None):
-    """EDM's 2nd-order Heun sampler (spec §5.7). Returns ``(x0, nfe)``.
+    """EDM's 2nd-order Heun sampler (EDM, Algorithm 2). Returns ``(x0, nfe)``.
 
     Args:
         denoiser: ``D(x, sigma [N], class_labels) -> x0-estimate`` (an EDMPrecond or any callable).
@@ -183,25 +84,32 @@ def heun_sampler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_label
 # ----------------------------------------------------------------------------------------------
 # SiD generator sampling.
 
-def _augment_zeros(net, n, device):
-    """Zero augment labels when the network conditions on augmentations (contributes nothing, spec §1.2)."""
-    dim = int(getattr(net, 'init_kwargs', {}).get('augment_dim', 0) or 0) if hasattr(net, 'init_kwargs') else 0
+def augment_zeros(net, n: int, device) -> torch.Tensor | None:
+    """Zero augment labels ``[n, augment_dim]`` for a network built with ``augment_dim > 0``, else None.
+
+    SiD feeds zeros wherever no augmentation was applied: the augment mapping has no bias, so they contribute nothing.
+    Wrappers (DDP, ``torch.compile``) are looked through.
+    """
+    while isinstance(getattr(net, 'module', None) or getattr(net, '_orig_mod', None), torch.nn.Module):
+        net = getattr(net, 'module', None) or net._orig_mod
+    kwargs = getattr(net, 'init_kwargs', None)
+    dim = int(kwargs.get('augment_dim', 0) or 0) if isinstance(kwargs, dict) else 0
     return torch.zeros([n, dim], device=device) if dim > 0 else None
 
 
-def generate_onestep(G, z: torch.Tensor, sigma_init: float, class_labels=None, augment_labels=None) -> torch.Tensor:
-    """One-step SiD generation ``x_g = G(sigma_init * z, sigma_init, labels)``.
+def generate_onestep(G, z: torch.Tensor, init_sigma: float, class_labels=None, augment_labels=None) -> torch.Tensor:
+    """One-step SiD generation ``x_g = G(init_sigma * z, init_sigma, labels)``.
 
     z: ``[N, C, H, W]`` standard normal latents; class_labels ``[N, label_dim]`` or None.
     Returns float32 ``[N, C, H, W]`` images in [-1, 1] (not clipped). Gradients flow if enabled.
     """
     n = z.shape[0]
-    sigma = torch.full([n, 1, 1, 1], float(sigma_init), dtype=torch.float32, device=z.device)
+    sigma = torch.full([n, 1, 1, 1], float(init_sigma), dtype=torch.float32, device=z.device)
     kw = {}
-    aug = augment_labels if augment_labels is not None else _augment_zeros(G, n, z.device)
+    aug = augment_labels if augment_labels is not None else augment_zeros(G, n, z.device)
     if aug is not None:
         kw['augment_labels'] = aug
-    x = (z.to(torch.float32) * float(sigma_init))
+    x = (z.to(torch.float32) * float(init_sigma))
     return G(x, sigma, class_labels, **kw).to(torch.float32)
 
 
@@ -210,7 +118,7 @@ def generate_fewstep(G, z: torch.Tensor, sigmas: Sequence[float], class_labels=N
     """Multi-step sampling of a one-step generator by re-noising its output.
 
     x = G(sigmas[0] z, sigmas[0]); then for every later level s_k: x = G(x + s_k n_k, s_k), n_k ~ N(0, I)
-    drawn from ``generator``. ``sigmas = [sigma_init]`` reproduces :func:`generate_onestep`.
+    drawn from ``generator``. ``sigmas = [init_sigma]`` reproduces :func:`generate_onestep`.
     Returns float32 ``[N, C, H, W]``; NFE = len(sigmas).
     """
     sigmas = [float(s) for s in sigmas]
@@ -221,33 +129,6 @@ def generate_fewstep(G, z: torch.Tensor, sigmas: Sequence[float], class_labels=N
         n = randn(x.shape[0], x.shape[1:], generator, device=x.device)
         x = generate_onestep(G, x / s + n, s, class_labels)
     return x
-
-
-def latents_for_seeds(seeds: Sequence[int], shape: Sequence[int], device=None,
-                      dtype=torch.float64) -> torch.Tensor:
-    """Latents ``[len(seeds), *shape]``: row i = ``randn(shape)`` from a generator seeded with ``seeds[i]``.
-
-    Independent of batch composition and world size: any split of the seeds gives the same rows.
-    Drawn in float64 (as EDM/SiD's scripts do) on the CPU, then moved to ``device``.
-    """
-    rows = []
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        rows.append(torch.randn(list(shape), generator=g, dtype=dtype))
-    out = torch.stack(rows) if rows else torch.zeros([0] + list(shape), dtype=dtype)
-    return out.to(device) if device is not None else out
-
-
-def labels_for_seeds(seeds: Sequence[int], num_classes: int, device=None) -> Optional[torch.Tensor]:
-    """Uniform one-hot labels ``[len(seeds), num_classes]`` (None if num_classes == 0), one generator per seed.
-
-    The generator for seed s is seeded with ``derive_seed(s, 1)``, so labels are independent of the
-    latents' shape and of how the seeds are split.
-    """
-    if num_classes <= 0:
-        return None
-    gens = [torch.Generator().manual_seed(derive_seed(int(s), 1)) for s in seeds]
-    return random_labels(len(gens), num_classes, gens, device=device)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Tiny stand-ins for the evaluation tests: an Inception-like feature extractor, reference stats, a generator.
 
-Importing this module registers :data:`TINY` with torch-fidelity (idempotently), so it can be loaded as a plugin by
-``python -m sidlib.fid_protocol --import tests/eval_fixtures.py`` in subprocesses (torchrun ranks).
+Importing this module registers :data:`TINY` with torch-fidelity (idempotently), so subprocesses (torchrun ranks) load
+it with ``python -m sidlib.metrics calc --import eval_fixtures ...`` when ``tests/`` is on ``PYTHONPATH``.
 
 :class:`TinyInception` mimics torch-fidelity's Inception interface on small inputs: uint8 ``[N, 3, H, W]`` in, a
 ``"pool"`` feature of :data:`DIM` dims (the stand-in for the 2048-d pool features) and ``"logits_unbiased"``
@@ -74,14 +74,11 @@ def write_reference_npz(path, images: torch.Tensor, extractor: str = TINY) -> tu
 
 
 def tiny_edm(label_dim: int = 0, res: int = 8, seed: int = 0, arch: str = "ddpmpp", cres=(1, 2)):
-    """A very small EDMPrecond (SongUNet DDPM++-style or DhariwalUNet), deterministic in ``seed``."""
-    from sidlib.networks import EDMPrecond
+    """A very small EDMPrecond of EDM's DDPM++ (``arch='ddpmpp'``) or ADM (``'adm'``) family, deterministic in ``seed``."""
+    from sidlib.networks import EDMPrecond, edm_kwargs
 
     torch.manual_seed(seed)
-    if arch == "adm":
-        kw = dict(model_type="DhariwalUNet", model_channels=64, channel_mult=list(cres), channel_mult_emb=1,
-                  num_blocks=1, attn_resolutions=[], dropout=0.0)
-    else:
-        kw = dict(model_type="SongUNet", model_channels=8, channel_mult=list(cres), channel_mult_emb=1,
-                  num_blocks=1, attn_resolutions=[], dropout=0.0)
-    return EDMPrecond(res, 3, label_dim=label_dim, **kw).eval()
+    kw = edm_kwargs(arch, img_resolution=res, channel_mult=list(cres), label_dim=label_dim,
+                    model_channels=64 if arch == "adm" else 8, channel_mult_emb=1, num_blocks=1, attn_resolutions=[],
+                    dropout=0.0)
+    return EDMPrecond(**kw).eval()

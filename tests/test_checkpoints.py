@@ -6,8 +6,11 @@ import io
 import json
 import os
 import pickle
+import pickletools
+import struct
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -18,27 +21,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import edm_format  # noqa: E402  (test-only writer beside this file)
 
-from sidlib import checkpoints, download as dl  # noqa: E402
-from sidlib.checkpoints import (SID_GENERATORS, TEACHER_ALIASES, TEACHERS, CheckpointError,  # noqa: E402
-                                UnsafePickleError, load_checkpoint, load_network, read_network_meta,
-                                save_network)
-from sidlib.edm_pickle import (ALLOWED_GLOBALS, load_storage_blob, network_from_record,  # noqa: E402
-                               read_edm_pickle)
-from sidlib.networks import build_network  # noqa: E402
+from sidlib.io import checkpoints, download as dl, registry  # noqa: E402
+from sidlib.io.checkpoints import (SID_GENERATORS, TEACHER_ALIASES, TEACHERS, CheckpointError,  # noqa: E402
+                                   UnsafePickleError, load_checkpoint, load_network, read_network_meta,
+                                   save_network)
+from sidlib.io.edm_pickle import (ALLOWED_GLOBALS, PersistentRecord, load_storage_blob,  # noqa: E402
+                                  network_from_record, read_edm_pickle)
+from sidlib.networks import build_network, edm_kwargs  # noqa: E402
 
 RES = 8
+# Scaled-down versions of EDM's three architectures (sidlib's table of EDM's --arch kwargs).
+_SMALL = dict(img_resolution=RES, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
 CONFIGS = {
-    "ddpmpp-cond": dict(img_resolution=RES, img_channels=3, label_dim=10, use_fp16=False, model_type="SongUNet",
-                        embedding_type="positional", encoder_type="standard", decoder_type="standard",
-                        channel_mult_noise=1, resample_filter=[1, 1], model_channels=16, channel_mult=[1, 2],
-                        num_blocks=1, attn_resolutions=[4], augment_dim=9, dropout=0.13),
-    "ncsnpp-uncond": dict(img_resolution=RES, img_channels=3, label_dim=0, use_fp16=False, model_type="SongUNet",
-                          embedding_type="fourier", encoder_type="residual", decoder_type="standard",
-                          channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=16,
-                          channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], augment_dim=9, dropout=0.13),
-    "adm-cond": dict(img_resolution=RES, img_channels=3, label_dim=5, use_fp16=True, model_type="DhariwalUNet",
-                     model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
-                     augment_dim=0, dropout=0.10),
+    "ddpmpp-cond": edm_kwargs("ddpmpp", label_dim=10, model_channels=16, augment_dim=9, dropout=0.13, **_SMALL),
+    "ncsnpp-uncond": edm_kwargs("ncsnpp", model_channels=16, augment_dim=9, dropout=0.13, **_SMALL),
+    "adm-cond": edm_kwargs("adm", label_dim=5, use_fp16=True, model_channels=64, augment_dim=0, dropout=0.10,
+                           **_SMALL),
 }
 EXPECTED_GLOBALS = {  # the globals Hugging Face's scanner lists for a SiD snapshot
     "torch_utils.persistence._reconstruct_persistent_obj", "torch._utils._rebuild_tensor_v2",
@@ -122,13 +120,124 @@ def test_writer_pickles_like_edm(nets):
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
 
 
-def test_zip_storage_blob_is_read_via_weights_only_load():
+def _legacy_blob(t: torch.Tensor) -> bytes:
+    """A storage as torch's pickle reducer writes it: a legacy (non-zip) ``torch.save`` of the typed storage."""
+    typed = torch.TypedStorage(wrap_storage=t.untyped_storage(), dtype=t.dtype, _internal=True)
+    buf = io.BytesIO()
+    torch.save(typed, buf, _use_new_zipfile_serialization=False)
+    return buf.getvalue()
+
+
+class _DeclaredStorage:
+    """Stands for a storage in a hand-written legacy blob (its persistent id is written out below)."""
+
+
+class _BlobPickler(pickle.Pickler):
+    def __init__(self, file, declared, key):
+        super().__init__(file, protocol=2)
+        self.declared, self.key = declared, key
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _DeclaredStorage):
+            # torch's legacy persistent id of a storage: ('storage', type, key, location, numel, view).
+            return ("storage", torch.FloatStorage, self.key, "cpu", self.declared, None)
+        return None
+
+
+def hand_written_blob(values, declared: int, key="0") -> bytes:
+    """A legacy storage blob of float32 ``values`` whose header declares ``declared`` elements.
+
+    Layout of torch's legacy format: magic number, protocol version, system info, the object (here the storage's
+    persistent id), the list of storage keys, then per storage an 8-byte element count and the raw data.
+    """
+    buf = io.BytesIO()
+    for obj in (0x1950A86A20F9469CFC6C, 1001,
+                {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(obj, buf, protocol=2)
+    _BlobPickler(buf, declared, key).dump(_DeclaredStorage())
+    pickle.dump([key], buf, protocol=2)
+    data = np.asarray(values, dtype="<f4")
+    buf.write(struct.pack("<q", data.size))
+    buf.write(data.tobytes())
+    return buf.getvalue()
+
+
+def test_hand_written_legacy_blob_is_read():
+    # Control for the size check below: an honest header is accepted and the data comes back exactly.
+    got = load_storage_blob(hand_written_blob([1.5, -2.0, 3.25], declared=3))
+    assert got.dtype == torch.float32 and got.tolist() == [1.5, -2.0, 3.25]
+
+
+def test_zip_storage_blob_is_refused():
     t = torch.randn(7, dtype=torch.float64)
     typed = torch.TypedStorage(wrap_storage=t.untyped_storage(), dtype=t.dtype, _internal=True)
     buf = io.BytesIO()
     torch.save(typed, buf)
     assert buf.getvalue()[:4] == b"PK\x03\x04"
-    assert torch.equal(load_storage_blob(buf.getvalue()), t)
+    # The same storage written the legacy way is read; the zip form, which torch's reducers never write, is not.
+    assert torch.equal(load_storage_blob(_legacy_blob(t)), t)
+    with pytest.raises(CheckpointError, match="zip"):
+        load_storage_blob(buf.getvalue())
+
+
+def test_blob_declaring_more_elements_than_it_holds_is_refused_before_allocation(monkeypatch):
+    blob = hand_written_blob([1.0, 2.0, 3.0], declared=2 ** 40)  # 4 TiB of float32 declared, 12 bytes present
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=str(2 ** 40)):
+        load_storage_blob(blob)
+    with pytest.raises(CheckpointError, match=str(2 ** 40)):
+        load_storage_blob(blob, load_data=False)  # the shape-only path (read_network_meta) checks it too
+    assert loads == [] and time.perf_counter() - t0 < 5.0  # refused from the header, torch.load never ran
+    # One element too many is refused as well; the exact count is accepted.
+    with pytest.raises(CheckpointError, match="declares 4"):
+        load_storage_blob(hand_written_blob([1.0, 2.0, 3.0], declared=4))
+    # torch writes the storage key as a string; an int key in front of the count must not pass for the count.
+    with pytest.raises(CheckpointError):
+        load_storage_blob(hand_written_blob([1.0, 2.0, 3.0], declared=2 ** 40, key=0))
+    assert loads == []
+
+
+class _Reduce:
+    """Pickles as ``func(*args)``."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def test_blob_referenced_several_times_is_materialised_once(monkeypatch):
+    from sidlib.io import edm_pickle
+
+    blob = _legacy_blob(torch.arange(6, dtype=torch.float32))
+    # Two storage calls on one bytes object: pickle writes the bytes once and refers back to them through its memo.
+    tensors = {name: _Reduce(torch._utils._rebuild_tensor_v2,
+                             _Reduce(torch.storage._load_from_bytes, blob), 0, (2, 3), (3, 1), False, None)
+               for name in ("a", "b")}
+    raw = pickle.dumps(tensors, protocol=4)
+    assert len(edm_format.bytes_args(raw)) == 1
+    assert sum(op.name == "REDUCE" for op, _, _ in pickletools.genops(raw)) == 4
+    calls = []
+    real = edm_pickle.load_storage_blob
+    monkeypatch.setattr(edm_pickle, "load_storage_blob", lambda b, **kw: calls.append(len(b)) or real(b, **kw))
+    out = read_edm_pickle(raw)
+    assert calls == [len(blob)]
+    a, b = out["a"], out["b"]
+    assert torch.equal(a, torch.arange(6.0).reshape(2, 3)) and torch.equal(b, a)
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()  # one storage, shared
+
+
+def test_positional_constructor_arguments_are_refused(nets):
+    ema = edm_format.as_persistent(nets["ddpmpp-cond"])
+    ema.state["_init_args"] = (RES, 3)  # EDM builds networks from keyword arguments only
+    record = read_edm_pickle(edm_format.write_edm_pickle(None, {"ema": ema}))["ema"]
+    assert isinstance(record, PersistentRecord)
+    with pytest.raises(CheckpointError, match="positional"):
+        network_from_record(record)
 
 
 def test_record_tree_flattens_to_state_dict(nets):
@@ -179,6 +288,14 @@ def test_meta_device_and_cpu_builds_agree(edm_pkl, nets, monkeypatch, threshold)
     _assert_same_weights(loaded, nets["ddpmpp-cond"])
     inputs = net_inputs(loaded)
     torch.testing.assert_close(outputs(loaded, inputs), outputs(nets["ddpmpp-cond"], inputs), atol=1e-5, rtol=0)
+
+
+def test_top_level_load_network_is_the_checkpoint_loader(edm_pkl, nets):
+    import sidlib
+
+    _assert_same_weights(sidlib.load_network(edm_pkl), nets["ddpmpp-cond"])
+    with pytest.raises(CheckpointError, match="architecture"):
+        sidlib.load_network(edm_pkl, expected_kwargs={"model_channels": 32})
 
 
 def test_loading_leaves_global_rng_alone(edm_pkl):
@@ -314,11 +431,25 @@ def test_embedded_module_source_is_never_run(nets, tmp_path):
 
 def test_storage_blob_with_foreign_global_is_refused(tmp_path):
     sentinel = tmp_path / "pwned"
-    blob = (LEGACY_MAGIC_PICKLE + pickle.dumps(1001, protocol=2) + pickle.dumps({"little_endian": True}, protocol=2)
-            + f"cos\nsystem\n(V{_touch_command(sentinel)}\ntR.".encode())
-    with pytest.raises(UnsafePickleError, match="os.system"):
-        load_storage_blob(blob)
+    evil = f"cos\nsystem\n(V{_touch_command(sentinel)}\ntR.".encode()
+    honest = hand_written_blob([1.0, 2.0], declared=2)
+    f = io.BytesIO(honest)
+    for _ in range(3):  # magic number, protocol version, system info
+        pickle.load(f)
+    # The call in place of the system info: the header declares a storage that fits, so torch.load(weights_only)
+    # sees the blob and must refuse the global.
+    in_sys_info = LEGACY_MAGIC_PICKLE + pickle.dumps(1001, protocol=2) + evil + honest[f.tell():]
+    with pytest.raises(CheckpointError, match="os.system"):
+        load_storage_blob(in_sys_info)
+    # The call in place of the storage: refused from the header already.
+    in_storage = (LEGACY_MAGIC_PICKLE + pickle.dumps(1001, protocol=2) + pickle.dumps({"little_endian": True}, protocol=2)
+                  + evil)
+    with pytest.raises(CheckpointError):
+        load_storage_blob(in_storage)
     assert not sentinel.exists()
+    # Control: the payload is live under plain pickle.
+    pickle.loads(evil)
+    assert sentinel.exists()
 
 
 # ------------------------------------------------------------------------------ corrupt files
@@ -355,7 +486,7 @@ def test_corrupt_files_are_refused(edm_pkl, tmp_path):
 
 
 def test_tensor_past_its_storage_is_refused():
-    from sidlib.edm_pickle import _rebuild_tensor_v2
+    from sidlib.io.edm_pickle import _rebuild_tensor_v2
 
     with pytest.raises(CheckpointError, match="reaches past its storage"):
         _rebuild_tensor_v2(torch.zeros(4), 0, (3, 2), (2, 1), False, None)
@@ -393,7 +524,7 @@ def fake_download(edm_pkl, tmp_path, monkeypatch):
         requested.append(url)
         return dl.download(edm_pkl.as_uri(), sha256=sha256, cache_dir=tmp_path / "cache", progress=False)
 
-    monkeypatch.setattr(checkpoints, "download", fake)
+    monkeypatch.setattr(registry, "download", fake)
     return requested
 
 
@@ -403,6 +534,7 @@ def test_registered_names_resolve(fake_download, nets, name):
     net, meta = load_checkpoint(name)
     url = {**TEACHERS, **checkpoints.OTHER_EDM_PICKLES, **SID_GENERATORS,
            **{a: TEACHERS[t] for a, t in TEACHER_ALIASES.items()}}[name]
+    assert registry.registered_names()[name] == url
     assert fake_download == [url]
     assert meta["provenance"]["url"] == url and meta["provenance"]["name"] == name
     if name in SID_GENERATORS:
@@ -414,6 +546,16 @@ def test_registered_names_resolve(fake_download, nets, name):
 def test_unknown_name_suggests(tmp_path):
     with pytest.raises(CheckpointError, match="did you mean sid-cifar10-uncond-alpha1.2"):
         load_network("sid-cifar10-uncond-alpha1.3", cache_dir=tmp_path)
+
+
+def test_registered_names_and_url_detection():
+    names = registry.registered_names()
+    assert set(names) == (set(TEACHERS) | set(TEACHER_ALIASES) | set(checkpoints.OTHER_EDM_PICKLES)
+                          | set(SID_GENERATORS))
+    assert all(registry.is_url(u) and u.startswith("https://") for u in names.values())
+    assert registry.is_url("file:///tmp/x.pkl") and registry.is_url("HTTP://example.org/a.pkl")
+    for not_url in ("edm-cifar10-32x32-cond-vp", "/tmp/x.pkl", "C:/x.pkl", "ftp://example.org/x.pkl", "file:x"):
+        assert not registry.is_url(not_url), not_url
 
 
 def test_file_url_source(edm_pkl, nets, tmp_path):

@@ -13,15 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from sidlib.checkpoints import load_checkpoint, save_network
-from sidlib.distill import ConfigError, DistillConfig, distill, main, register_teacher
-from sidlib.logging_utils import read_jsonl
-from sidlib.networks import EDMPrecond
-from sidlib.training_state import load_training_state
+from sidlib.distill import ConfigError, DistillConfig, distill, register_teacher
+from sidlib.distill.cli import main
+from sidlib.io.checkpoints import load_checkpoint, save_network
+from sidlib.io.logs import read_jsonl, training_curve
+from sidlib.io.training_state import load_training_state
+from sidlib.networks import EDMPrecond, edm_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
-TEACHER_KWARGS = dict(img_resolution=8, img_channels=3, model_type='SongUNet', model_channels=8, channel_mult=[1, 2],
-                      num_blocks=1, attn_resolutions=[4], augment_dim=9, dropout=0.0)
+# A scaled-down DDPM++ (EDM's --arch=ddpmpp) with augment conditioning, as the CIFAR-10 teachers have.
+TEACHER_KWARGS = edm_kwargs('ddpmpp', img_resolution=8, channel_mult=[1, 2], model_channels=8, num_blocks=1,
+                            attn_resolutions=[4], augment_dim=9, dropout=0.0)
 
 
 @pytest.fixture(scope='module')
@@ -229,18 +231,70 @@ def test_cli_reads_yaml_and_overrides(teacher_path, tmp_path):
     assert load_training_state(run_dir / 'training-state.pt')['iteration'] == 1
 
 
-def test_config_round_trip_and_presets():
-    cfg = DistillConfig.from_dict({'preset': 'cifar10-uncond', 'batch': 64})
+def test_config_round_trip_and_adam_eps():
+    cfg = DistillConfig.from_dict({'batch': 64, 'augment_p': 0.12, 'dropout': 0.13, 'label_probs': (1, 2)})
     assert cfg.batch == 64 and cfg.augment_p == 0.12 and cfg.dropout == 0.13 and cfg.lsg == 100
+    assert cfg.label_probs == [1, 2]   # tuples become lists, so a stored config compares equal
     assert DistillConfig.from_dict(cfg.to_dict()) == cfg
+    assert DistillConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert cfg.resolved_adam_eps() == 1e-8
-    # Unset eps follows the precision (1e-6 under fp16); the fp16 presets state it explicitly.
+    # Unset eps follows the precision (1e-6 under fp16); an explicit eps wins.
     assert cfg.replace(precision='fp16', adam_eps=None).resolved_adam_eps() == 1e-6
-    assert DistillConfig.from_dict({'preset': 'ffhq64'}).resolved_adam_eps() == 1e-6
-    with pytest.raises(ConfigError, match='unknown benchmark'):
-        DistillConfig.from_dict({'preset': 'cifar100'})
+    assert cfg.replace(precision='fp16', adam_eps=1e-7).resolved_adam_eps() == 1e-7
     with pytest.raises(ConfigError, match='lr'):
         DistillConfig.from_dict({'lr': 'fast'})
+    # Presets live outside sidlib now: 'preset' is an unknown key like any other.
+    with pytest.raises(ConfigError, match='unknown config key.*preset'):
+        DistillConfig.from_dict({'preset': 'cifar10-uncond'})
+
+
+def test_config_errors_name_keys_with_the_callers_prefix():
+    where = 'digits.distill.'
+    with pytest.raises(ConfigError) as err:
+        DistillConfig.from_dict({'batch': 8, 'no_such_key': 1}, where=where)
+    assert 'digits.distill.no_such_key' in str(err.value) and 'digits.distill.batch' not in str(err.value)
+    for key, value in (('lr', 'fast'), ('batch', 2.5), ('progress', 'yes'), ('student', [1]), ('teacher', None)):
+        with pytest.raises(ConfigError, match=f'^digits\\.distill\\.{key}: '):
+            DistillConfig.from_dict({key: value}, where=where)
+    # Without a prefix the bare key is named; validate() takes the same prefix.
+    with pytest.raises(ConfigError, match='^lr: '):
+        DistillConfig.from_dict({'lr': 'fast'})
+    cfg = DistillConfig.from_dict({'teacher': 't', 'iterations': 1, 'alpha': 11.0, 'tmax': 0.0})
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(where=where)
+    assert 'digits.distill.alpha:' in str(err.value) and 'digits.distill.tmax:' in str(err.value)
+
+
+def test_eval_kwargs_name_a_factory_called_once(teacher_path, tmp_path):
+    """``eval_fn`` + ``eval_kwargs``: the paper's proxy FID, built once, evaluated at every snapshot."""
+    sys.path.insert(0, str(REPO / 'tests'))
+    try:
+        import eval_fixtures as ef  # registers the tiny feature extractor
+    finally:
+        sys.path.pop(0)
+    ref = tmp_path / 'ref.npz'
+    ef.write_reference_npz(ref, ef.random_images(24, seed=3))
+    cfg = base_cfg(teacher_path, iterations=3, snap_ticks=2, eval_fn='sidlib.metrics.protocol:proxy_fid',
+                   eval_kwargs={'reference_stats': str(ref), 'num_images': 4, 'batch_size': 4,
+                                'feature_extractor': ef.TINY})
+    run = distill(cfg, run_dir=tmp_path / 'run')
+    log = read_jsonl(run / 'log.jsonl')
+    curve = training_curve(run)
+    # Snapshots at ticks 0 and 2 and at the end; the curve holds exactly the records with metrics.
+    assert [r['iteration'] for r in curve] == [r['iteration'] for r in log if 'metrics' in r] == [1, 3]
+    assert all(set(r) == {'kimg', 'images_seen', 'iteration', 'fid4_proxy'} for r in curve)
+    assert all(math.isfinite(r['fid4_proxy']) and r['fid4_proxy'] > 0 for r in curve)
+    assert json.loads((run / 'config.json').read_text())['eval_kwargs']['num_images'] == 4
+
+
+def test_bad_eval_kwargs_are_refused_before_anything_is_written(teacher_path, tmp_path):
+    run_dir = tmp_path / 'run'
+    cfg = base_cfg(teacher_path, eval_fn='sidlib.metrics.protocol:proxy_fid', eval_kwargs={'no_such_arg': 1})
+    with pytest.raises(ConfigError, match='eval_kwargs'):
+        distill(cfg, run_dir=run_dir)
+    with pytest.raises(ConfigError, match='eval_fn'):
+        distill({**cfg, 'eval_fn': 'sidlib.metrics.protocol:no_such_function'}, run_dir=run_dir)
+    assert not run_dir.exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,7 +302,23 @@ def test_config_round_trip_and_presets():
 
 @pytest.mark.parametrize('precision', ['bf16', 'fp16'])
 def test_mixed_precision_modes_run(teacher_path, tmp_path, precision):
-    run = distill(base_cfg(teacher_path, iterations=2, precision=precision), run_dir=tmp_path / 'run')
+    seen = []
+    forward = EDMPrecond.forward
+
+    def spy(self, *a, **kw):
+        seen.append((id(self), self.precision, self.autocast_dtype('cpu')))
+        return forward(self, *a, **kw)
+
+    EDMPrecond.forward = spy
+    try:
+        run = distill(base_cfg(teacher_path, iterations=2, precision=precision, grid_size=1),
+                      run_dir=tmp_path / 'run')
+    finally:
+        EDMPrecond.forward = forward
+    # The loop sets the precision of all four networks (teacher, fake score, G, and G_ema for the sample grid).
+    assert len({net for net, _, _ in seen}) == 4
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[precision]
+    assert {(p, d) for _, p, d in seen} == {(precision, dtype)}
     st, tensors = state_tensors(run)
     assert all(torch.isfinite(v).all() for v in tensors.values())
     if precision == 'fp16':
@@ -260,7 +330,7 @@ def test_mixed_precision_modes_run(teacher_path, tmp_path, precision):
 
 
 def test_grad_scaler_skips_steps_on_overflow_and_counts_bad_gradients():
-    from sidlib.distill import _optimizer_step
+    from sidlib.distill.loop import _optimizer_step
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.Adam([w], lr=0.1)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10)

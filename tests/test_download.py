@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sidlib import download as dl
-from sidlib import atomic
-from sidlib.atomic import TEMP_SUFFIX, atomic_open, atomic_write_bytes
+from sidlib.io import download as dl
+from sidlib.io import atomic
+from sidlib.io.atomic import TEMP_SUFFIX, atomic_copy, atomic_open, atomic_write_bytes
 
 
 def _sha(data: bytes) -> str:
@@ -239,3 +239,20 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path):
     assert target.read_bytes() == b"new"
     # Finished files get ordinary permissions, not the 0600 of temporary files.
     assert target.stat().st_mode & 0o777 == atomic._FILE_MODE
+
+
+def test_atomic_copy_places_a_complete_copy_and_replaces_the_old_one(tmp_path):
+    src = tmp_path / "cache" / "ref.npz"
+    src.parent.mkdir()
+    src.write_bytes(b"reference statistics")
+    dst = tmp_path / "out" / "deeper" / "fid.npz"
+    dst.parent.mkdir(parents=True)
+    dst.write_bytes(b"an older, unrelated file")
+    assert atomic_copy(src, dst) == dst and dst.read_bytes() == b"reference statistics"
+    # Copying again onto the existing copy (e.g. fetching a reference twice) leaves no temporary file behind.
+    atomic_copy(src, dst)
+    assert dst.read_bytes() == b"reference statistics" and src.read_bytes() == b"reference statistics"
+    assert not _leftovers(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        atomic_copy(tmp_path / "missing.npz", tmp_path / "out" / "x.npz")
+    assert not (tmp_path / "out" / "x.npz").exists() and not _leftovers(tmp_path)

@@ -15,13 +15,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 import eval_fixtures as ef  # noqa: E402
 from edm_format import write_edm_pickle  # noqa: E402
 
-from sidlib import fid_protocol as FP  # noqa: E402
 from sidlib import metrics as M  # noqa: E402
-from sidlib.references import ReferenceFileError, load_reference_stats, save_reference_stats  # noqa: E402
-from sidlib.sampling import labels_for_seeds, latents_for_seeds  # noqa: E402
+from sidlib.metrics import protocol as FP  # noqa: E402
+from sidlib.metrics import references  # noqa: E402
+from sidlib.metrics.__main__ import main as metrics_main  # noqa: E402
+from sidlib.metrics.references import ReferenceFileError, load_reference_stats, save_reference_stats  # noqa: E402
+from sidlib.rng import labels_for_seeds, latents_for_seeds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).with_name("eval_fixtures.py")
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +49,12 @@ def frechet_scipy(mu1, s1, mu2, s2):
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
-def independent_fid(net, seeds, mu_ref, sigma_ref, sigma_init=2.5):
+def independent_fid(net, seeds, mu_ref, sigma_ref, init_sigma=2.5):
     """The protocol written out by hand: per-seed latents/labels, G(2.5 z, 2.5), x*127.5+128 clipped, features."""
     z = latents_for_seeds(seeds, [3, 8, 8]).float()
     labels = labels_for_seeds(seeds, net.label_dim)
     with torch.no_grad():
-        x = net(z * sigma_init, torch.full([len(seeds)], sigma_init), labels)
+        x = net(z * init_sigma, torch.full([len(seeds)], init_sigma), labels)
     images = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
     fe = ef.TinyInception(ef.TINY, ["pool"])
     with torch.no_grad():
@@ -162,45 +164,92 @@ def test_precision_recall_against_a_reference_batch_npz(setup, tmp_path):
     assert res["protocol"]["pr_reference_images"] == 48
 
 
-def test_cli_writes_metrics_json(setup, tmp_path):
+def test_cli_calc_writes_metrics_json(setup, tmp_path):
+    # In-process: eval_fixtures (imported above) registered the tiny extractor; --import takes installed modules.
     out = tmp_path / "m" / "metrics.json"
-    FP.main(["--network", setup["url"], "--ref", str(setup["ref"]), "--num", "8", "--trials", "3", "--batch", "4",
-             "--feature-extractor", ef.TINY, "--import", str(FIXTURES), "--device", "cpu", "--out", str(out)])
+    assert metrics_main(["calc", "--network", setup["url"], "--ref", str(setup["ref"]), "--num-images", "8",
+                         "--trials", "3", "--batch", "4", "--feature-extractor", ef.TINY, "--device", "cpu",
+                         "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["format"] == FP.FORMAT and len(res["trials"]) == 3
     assert res["protocol"]["quantisation"].startswith("uint8(clip(x * 127.5 + 128")
     assert "fid8_proxy_min_of_3" in res["summary"]
+    for t, trial in enumerate(res["trials"]):
+        seeds = list(range(8 * t, 8 * t + 8))
+        assert trial["fid8_proxy"] == pytest.approx(independent_fid(setup["net"], seeds, setup["mu"], setup["sigma"]),
+                                                    rel=1e-4)
     assert not list(out.parent.glob("*.partial"))
 
 
-def test_proxy_eval_fn_for_distillation(setup):
-    fn = FP.make_proxy_eval_fn(setup["ref"], num_images=6, feature_extractor=ef.TINY, batch_size=6)
+def test_cli_init_sigma_reaches_the_generator(setup, tmp_path):
+    out = tmp_path / "m.json"
+    metrics_main(["calc", "--network", str(setup["pkl"]), "--ref", str(setup["ref"]), "--num", "6",
+                  "--batch", "6", "--init-sigma", "1.5", "--feature-extractor", ef.TINY, "--device", "cpu",
+                  "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["generator"]["init_sigma"] == 1.5
+    assert res["trials"][0]["fid6_proxy"] == pytest.approx(
+        independent_fid(setup["net"], range(6), setup["mu"], setup["sigma"], init_sigma=1.5), rel=1e-4)
+
+
+def test_cli_fetch_copies_a_file_url_and_validates_known_references(setup, tmp_path, monkeypatch, capsys):
+    src = tmp_path / "somewhere" / "batch.bin"
+    src.parent.mkdir()
+    src.write_bytes(b"not an npz, but fetch only copies files given by URL")
+    out = tmp_path / "refs" / "copy.bin"
+    assert metrics_main(["fetch", src.as_uri(), "--out", str(out)]) == 0
+    assert out.read_bytes() == src.read_bytes()
+    # A known FID reference name is resolved to its URL, downloaded into the cache, checked as 2048-d Inception
+    # statistics (EDM's layout), and copied.
+    inception_like = tmp_path / "upstream" / "cifar10-32x32.npz"
+    inception_like.parent.mkdir()
+    mu = np.linspace(-1, 1, 2048)
+    np.savez_compressed(inception_like, mu=mu, sigma=np.eye(2048))
+    monkeypatch.setitem(references.FID_REFERENCES, "cifar10-32x32", inception_like.as_uri())
+    ref_out = tmp_path / "refs" / "fid.npz"
+    metrics_main(["fetch", "cifar10-32x32", "--out", str(ref_out)])
+    got_mu, got_sigma = load_reference_stats(ref_out)
+    np.testing.assert_array_equal(got_mu, mu)
+    np.testing.assert_array_equal(got_sigma, np.eye(2048))
+    assert list((tmp_path / "cache").rglob("cifar10-32x32.npz"))  # through the download cache of this test
+    # Statistics of the wrong width under a known FID name are refused rather than copied.
+    monkeypatch.setitem(references.FID_REFERENCES, "afhqv2-64x64", setup["ref"].resolve().as_uri())
+    with pytest.raises(ReferenceFileError, match="2048"):
+        metrics_main(["fetch", "afhqv2-64x64", "--out", str(tmp_path / "refs" / "narrow.npz")])
+    assert not (tmp_path / "refs" / "narrow.npz").exists()
+    # A known name whose file is not statistics is refused rather than copied.
+    monkeypatch.setitem(references.FID_REFERENCES, "ffhq-64x64", src.as_uri())
+    with pytest.raises(ReferenceFileError):
+        metrics_main(["fetch", "ffhq-64x64", "--out", str(tmp_path / "refs" / "bad.npz")])
+    assert not (tmp_path / "refs" / "bad.npz").exists()
+    capsys.readouterr()
+    metrics_main(["list"])
+    listed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    assert listed["cifar10-32x32"] == inception_like.as_uri()
+    assert set(listed) == set(references.FID_REFERENCES) | set(references.PR_REFERENCES)
+
+
+def test_proxy_fid_for_distillation(setup):
+    fn = FP.proxy_fid(setup["ref"], num_images=6, feature_extractor=ef.TINY, batch_size=6)
     out = fn(setup["net"], 12.0)
     assert set(out) == {"fid6_proxy"}
     assert out["fid6_proxy"] == pytest.approx(independent_fid(setup["net"], range(6), setup["mu"], setup["sigma"]),
                                               rel=1e-4)
 
 
-def test_refs_directory_and_released_name_resolution(setup, tmp_path, monkeypatch):
-    from sidlib import references
-
-    refs = tmp_path / "refs"
-    refs.mkdir()
-    (refs / "fid.npz").write_bytes(setup["ref"].read_bytes())
-    out = tmp_path / "m.json"
-    FP.main(["--network", str(setup["pkl"]), "--refs", str(refs), "--num-images", "4", "--batch", "4",
-             "--feature-extractor", ef.TINY, "--device", "cpu", "--out", str(out)])
-    assert json.loads(out.read_text())["protocol"]["fid_reference"] == str(refs / "fid.npz")
-    assert FP._benchmark_of_release("sid-afhq64-uncond-alpha1.0") == "afhqv2-64"
-    assert FP._benchmark_of_release("sid-imagenet64-cond-alpha1.2") == "imagenet64-cond"
-    assert FP._benchmark_of_release(str(setup["pkl"])) is None
-    # Benchmark names resolve to reference URLs, fetched through the download cache (file:// here).
+def test_reference_names_resolve_through_the_download_cache(setup, monkeypatch):
     monkeypatch.setitem(references.FID_REFERENCES, "cifar10-32x32", setup["ref"].resolve().as_uri())
-    path = references.fetch_reference("cifar10-uncond")
+    assert references.reference_url("cifar10-32x32") == setup["ref"].resolve().as_uri()
+    path = references.fetch_reference("cifar10-32x32")
+    assert path != setup["ref"] and path.read_bytes() == setup["ref"].read_bytes()
     mu, sigma = load_reference_stats(path, dim=None)
     np.testing.assert_allclose(mu, setup["mu"])
+    # An existing file is used in place; unknown names are refused naming the known ones.
+    assert references.fetch_reference(setup["ref"]) == setup["ref"]
     with pytest.raises(ReferenceFileError, match="known references"):
         references.fetch_reference("cifar-11")
+    with pytest.raises(ReferenceFileError, match="cifar10-32x32"):
+        references.reference_url("cifar10-uncond")  # benchmark names are not reference names
 
 
 # --- refusals before compute --------------------------------------------------------------------------------------------
@@ -232,15 +281,14 @@ def test_wrong_shape_reference_is_refused_before_generation(tmp_path):
         load_reference_stats(tmp_path / "nomu.npz", dim=None)
 
 
-def test_missing_network_and_unknown_benchmark_are_clear_errors(setup, tmp_path):
-    from sidlib.checkpoints import CheckpointError
-    from sidlib.presets import PresetError
+def test_missing_network_and_missing_reference_are_clear_errors(setup, tmp_path):
+    from sidlib.io.checkpoints import CheckpointError
 
     with pytest.raises(CheckpointError, match="no-such-network.pkl"):
-        FP.main(["--network", str(tmp_path / "no-such-network.pkl"), "--ref", str(setup["ref"]), "--num", "4",
-                 "--feature-extractor", ef.TINY, "--device", "cpu"])
-    with pytest.raises(PresetError, match="valid benchmarks: cifar10-uncond"):
-        FP.main(["--benchmark", "cifar-10", "--network", setup["url"], "--device", "cpu"])
+        metrics_main(["calc", "--network", str(tmp_path / "no-such-network.pkl"), "--ref", str(setup["ref"]),
+                      "--num-images", "4", "--feature-extractor", ef.TINY, "--device", "cpu"])
+    with pytest.raises(FP.ProtocolError, match="--ref"):
+        metrics_main(["calc", "--network", setup["url"], "--num-images", "4", "--device", "cpu"])
     with pytest.raises(FP.ProtocolError, match="proxy"):
         FP.evaluate_generator(never, img_shape=[3, 8, 8], num_images=4, proxy=False, reference_stats=setup["ref"],
                               feature_extractor=ef.TINY)
@@ -250,13 +298,14 @@ def test_missing_network_and_unknown_benchmark_are_clear_errors(setup, tmp_path)
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process(setup, tmp_path):
+    # The ranks import the fixture module by name (--import takes importable modules), found via PYTHONPATH.
     common = ["--network", setup["url"], "--ref", str(setup["ref"]), "--num-images", "9", "--batch", "2",
-              "--isc", "--feature-extractor", ef.TINY, "--import", str(FIXTURES), "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+              "--isc", "--feature-extractor", ef.TINY, "--import", "eval_fixtures", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
     single, multi = tmp_path / "single.json", tmp_path / "multi.json"
-    FP.main(common + ["--out", str(single)])
+    metrics_main(["calc", *common, "--out", str(single)])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "sidlib.fid_protocol", *common, "--out", str(multi)]
+           "-m", "sidlib.metrics", "calc", *common, "--out", str(multi)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(single.read_text()), json.loads(multi.read_text())

@@ -1,4 +1,8 @@
-"""Losses, noise schedule, NaN guards, augmentation and EMA of the SiD method (tiny CPU tensors)."""
+"""Losses, noise schedule, NaN guards, augmentation and EMA of the SiD method (tiny CPU tensors).
+
+``SiDLoss`` (SiD's ``training/sid_loss.py``) is checked against computations written out here from the same seeds:
+what it feeds the teacher and the fake score, its per-element losses, which rows it drops, and where gradients flow.
+"""
 
 import math
 
@@ -7,10 +11,11 @@ import pytest
 import torch
 
 from sidlib.augment import AugmentPipe
-from sidlib.distill import generator_loss
 from sidlib.ema import ema_beta, update_ema
 from sidlib.losses import EDMLoss, finite_sample_mask, sample_sid_sigma, sid_generator_loss, sid_sigma
-from sidlib.sampling import sample_generators
+from sidlib.rng import derive_seed, sample_generators
+from sidlib.sampling import generate_onestep
+from sidlib.sid_loss import SiDLoss
 
 
 class TinyDenoiser(torch.nn.Module):
@@ -73,7 +78,7 @@ def test_sid_generator_loss_equals_formula():
         w = np.maximum(1e-5, np.abs(a - b).mean(axis=(1, 2, 3), keepdims=True))
         want = (b - c) * ((b - a) - alpha * (b - c)) / w
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-        # Algebraic equivalent form of spec §1.4.
+        # The paper's form: (y_real - y_fake)(y_fake - x_g) + (1 - alpha)(y_real - y_fake)^2, per sample over w.
         alt = ((b - c) * (c - a) + (1 - alpha) * (b - c) ** 2) / w
         np.testing.assert_allclose(got, alt, rtol=1e-4, atol=1e-5)
 
@@ -132,18 +137,95 @@ class NaNOnSamples(torch.nn.Module):
         return out + poison
 
 
+class Recorder(torch.nn.Module):
+    """Wraps a denoiser and keeps the inputs of its last call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.seen = net, {}
+
+    def forward(self, x, sigma, class_labels=None, **kw):
+        self.seen = dict(x=x.detach().clone(), sigma=torch.as_tensor(sigma).detach().clone(), **kw)
+        return self.net(x, sigma, class_labels, **kw)
+
+
+SEED, ITERATION = 42, 3
+
+
+def gens(rows, phase=1):
+    """The per-sample generators the loop uses for sample indices ``rows``."""
+    return sample_generators(rows, SEED, ITERATION, phase)
+
+
+def own_generator(i, phase=1):
+    """An independently seeded generator equal in state to ``gens([i])[0]``."""
+    return torch.Generator().manual_seed(derive_seed(SEED, ITERATION, phase, i))
+
+
+def test_generator_loss_draws_sigma_then_noise_from_each_sample_generator():
+    G, teacher, fake = TinyDenoiser(seed=1), Recorder(TinyDenoiser(seed=2)), Recorder(TinyDenoiser(seed=3))
+    z = _rand([4, 3, 4, 4], 21)
+    with torch.no_grad():
+        x_g = generate_onestep(G, z, 2.5)
+        loss, keep = SiDLoss(alpha=1.2, tmax=800).generator_loss(teacher, fake, x_g, generator=gens(range(4)))
+    assert keep.all() and loss.shape == x_g.shape and loss.dtype == torch.float32
+    # Independently: per sample, u ~ U(0, 1) scaled to [0, tmax/1000] -> sigma(u), then a standard normal image.
+    sigma = torch.empty(4, 1, 1, 1)
+    noise = torch.empty_like(x_g)
+    for i in range(4):
+        g = own_generator(i)
+        sigma[i] = sid_sigma(torch.rand([1, 1, 1], generator=g) * 0.8)
+        noise[i] = torch.randn([3, 4, 4], generator=g)
+    assert (sigma <= sid_sigma(0.8)).all() and (sigma >= 0.002).all()
+    for net in (teacher, fake):
+        torch.testing.assert_close(net.seen['sigma'].reshape(-1), sigma.reshape(-1), rtol=1e-6, atol=0)
+        torch.testing.assert_close(net.seen['x'], x_g + sigma * noise, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        y_real, y_fake = teacher.net(x_g + sigma * noise, sigma), fake.net(x_g + sigma * noise, sigma)
+    torch.testing.assert_close(loss, sid_generator_loss(x_g, y_real, y_fake, 1.2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('augment', [False, True])
+def test_fake_score_loss_is_edm_loss_on_the_same_draws(augment):
+    fake = Recorder(TinyDenoiser(seed=4, augment_dim=9))
+    fake.init_kwargs = fake.net.init_kwargs   # as an EDMPrecond built with augment_dim=9
+    x_g = _rand([5, 3, 4, 4], 22)
+    pipe = AugmentPipe.sid_default(0.5) if augment else None
+    loss, keep = SiDLoss(augment_pipe=pipe).fake_score_loss(fake, x_g, generator=gens(range(5), phase=0))
+    assert keep.all() and loss.shape == x_g.shape
+    if augment:
+        # Sigma, augmentation, noise: EDM's order, all from the sample's own generator.
+        want = EDMLoss()(fake.net, x_g, augment_pipe=pipe,
+                         generator=[own_generator(i, phase=0) for i in range(5)])
+        assert fake.seen['augment_labels'].shape == (5, 9)
+    else:
+        sigma = torch.empty(5, 1, 1, 1)
+        noise = torch.empty_like(x_g)
+        for i in range(5):
+            g = own_generator(i, phase=0)
+            sigma[i] = (torch.randn([1, 1, 1], generator=g) * 1.2 - 1.2).exp()   # EDM's log-normal, P(-1.2, 1.2)
+            noise[i] = torch.randn([3, 4, 4], generator=g)
+        # Without augmentation the network still gets zero augment labels (it was built with augment_dim=9).
+        assert torch.equal(fake.seen['augment_labels'], torch.zeros(5, 9))
+        torch.testing.assert_close(fake.seen['x'], x_g + sigma * noise, rtol=1e-6, atol=1e-6)
+        want = EDMLoss()(fake.net, x_g, sigma=sigma, noise=noise, augment_labels=torch.zeros(5, 9))
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-6, atol=1e-6)
+
+
 def test_nan_samples_are_dropped_from_the_generator_loss():
     G, teacher, fake = TinyDenoiser(seed=1), TinyDenoiser(seed=2), TinyDenoiser(seed=3)
     for net in (teacher, fake):
         net.requires_grad_(False)
-    z, n = _rand([6, 3, 4, 4], 10), _rand([6, 3, 4, 4], 11)
-    sigma = sample_sid_sigma(6, 800, generator=torch.Generator().manual_seed(0))
-    loss, keep, _ = generator_loss(G, NaNOnSamples(teacher, [1, 4]), fake, z, None, sigma, n,
-                                   init_sigma=2.5, alpha=1.2)
+    z = _rand([6, 3, 4, 4], 10)
+    sid = SiDLoss(alpha=1.2, tmax=800)
+    loss, keep = sid.generator_loss(NaNOnSamples(teacher, [1, 4]), fake, generate_onestep(G, z, 2.5),
+                                    generator=gens(range(6)))
     assert keep.tolist() == [True, False, True, True, False, True]
     assert loss.shape[0] == 4 and torch.isfinite(loss).all()
-    # The kept rows equal the loss computed on the clean samples alone.
-    clean, _, _ = generator_loss(G, teacher, fake, z[keep], None, sigma[keep], n[keep], init_sigma=2.5, alpha=1.2)
+    # The kept rows equal the loss computed on the clean samples alone (with the same samples' generators).
+    kept = [i for i in range(6) if keep[i]]
+    clean, clean_keep = sid.generator_loss(teacher, fake, generate_onestep(G, z[keep], 2.5), generator=gens(kept))
+    assert clean_keep.all()
     torch.testing.assert_close(loss, clean)
     # Dropped samples contribute no gradient: G's gradient equals that of the clean subset.
     G.zero_grad()
@@ -155,12 +237,26 @@ def test_nan_samples_are_dropped_from_the_generator_loss():
         torch.testing.assert_close(a, b)
 
 
+def test_nan_samples_are_dropped_from_the_fake_score_loss():
+    fake = TinyDenoiser(seed=5)
+    x_g = _rand([5, 3, 4, 4], 23)
+    x_g[2, 1, 0, 0] = float('inf')   # a generated image that blew up
+    sid = SiDLoss()
+    loss, keep = sid.fake_score_loss(NaNOnSamples(fake, [0]), x_g, generator=gens(range(5), phase=0))
+    assert keep.tolist() == [False, True, False, True, True]
+    kept = [1, 3, 4]
+    clean, _ = sid.fake_score_loss(fake, x_g[kept], generator=gens(kept, phase=0))
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss, clean)
+
+
 # ------------------------------------------------------------------------------------------------
 # Gradient paths of the generator step.
 
-def _g_grad(G, teacher, fake, z, sigma, n):
+def _g_grad(G, teacher, fake, z):
     G.zero_grad(set_to_none=True)
-    loss, _, _ = generator_loss(G, teacher, fake, z, None, sigma, n, init_sigma=2.5, alpha=1.2)
+    loss, _ = SiDLoss(alpha=1.2, tmax=800).generator_loss(teacher, fake, generate_onestep(G, z, 2.5),
+                                                           generator=gens(range(z.shape[0])))
     loss.sum().backward()
     return torch.cat([p.grad.flatten() for p in G.parameters()])
 
@@ -180,21 +276,30 @@ def test_frozen_teacher_and_fake_get_no_parameter_gradients_but_pass_input_gradi
     G, teacher, fake = TinyDenoiser(seed=1), TinyDenoiser(seed=2), TinyDenoiser(seed=3)
     teacher.requires_grad_(False)
     fake.requires_grad_(False)
-    z, n = _rand([4, 3, 4, 4], 12), _rand([4, 3, 4, 4], 13)
-    sigma = sample_sid_sigma(4, 800, generator=torch.Generator().manual_seed(1))
-    full = _g_grad(G, teacher, fake, z, sigma, n)
+    z = _rand([4, 3, 4, 4], 12)
+    full = _g_grad(G, teacher, fake, z)
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is None for p in fake.parameters())
     assert torch.isfinite(full).all() and full.abs().sum() > 0
     # Cutting either frozen network's input path changes G's gradient, so both paths carry gradient.
-    no_teacher_path = _g_grad(G, DetachInput(teacher), fake, z, sigma, n)
-    no_fake_path = _g_grad(G, teacher, DetachInput(fake), z, sigma, n)
-    no_paths = _g_grad(G, DetachInput(teacher), DetachInput(fake), z, sigma, n)
+    no_teacher_path = _g_grad(G, DetachInput(teacher), fake, z)
+    no_fake_path = _g_grad(G, teacher, DetachInput(fake), z)
+    no_paths = _g_grad(G, DetachInput(teacher), DetachInput(fake), z)
     for other in (no_teacher_path, no_fake_path, no_paths):
         assert (full - other).abs().max() > 1e-4 * full.abs().max()
     # Linearity of the backward pass: the two input paths add up.
     torch.testing.assert_close(full - no_paths, (full - no_teacher_path) + (full - no_fake_path),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_fake_score_loss_has_no_graph_into_the_generator():
+    G, fake = TinyDenoiser(seed=1), TinyDenoiser(seed=3)
+    x_g = generate_onestep(G, _rand([3, 3, 4, 4], 24), 2.5)
+    assert x_g.requires_grad
+    loss, _ = SiDLoss().fake_score_loss(fake, x_g, generator=gens(range(3), phase=0))
+    loss.sum().backward()
+    assert all(p.grad is None for p in G.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fake.parameters())
 
 
 # ------------------------------------------------------------------------------------------------

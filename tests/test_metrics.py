@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import eval_fixtures as ef  # noqa: E402  (registers the tiny extractor)
 
 from sidlib import metrics as M  # noqa: E402
+from sidlib.metrics import fidelity as MF  # noqa: E402
 
 
 def frechet_scipy(mu1, s1, mu2, s2):
@@ -112,9 +113,9 @@ def test_inputs_must_be_uint8_nchw():
 
 def test_grayscale_is_tiled_to_rgb_only_for_inception():
     g = ef.random_images(2, channels=1)
-    tiled = M._tile_gray(g, M.INCEPTION)
+    tiled = MF._tile_gray(g, M.INCEPTION)
     assert tiled.shape[1] == 3 and torch.equal(tiled[:, 0], tiled[:, 2])
-    assert M._tile_gray(g, ef.TINY).shape[1] == 1
+    assert MF._tile_gray(g, ef.TINY).shape[1] == 1
 
 
 # --- registration ------------------------------------------------------------------------------------------------------
@@ -154,45 +155,35 @@ class SmallNet(nn.Module):
 
 def test_module_extractor_wraps_a_plain_module_without_touching_it():
     net = SmallNet().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
     name = "test-module-extractor"
-    M.register_feature_extractor(name, net, features=("body", "logits"))
+    cls = M.register_feature_extractor(name, net)
+    assert tf_registry.FEATURE_EXTRACTORS_REGISTRY[name] is cls
+    # One feature, "features", for every metric.
+    assert cls.get_provided_features_list() == ("features",)
+    assert {cls.get_default_feature_layer_for_metric(m) for m in ("fid", "kid", "prc", "isc")} == {"features"}
     x = ef.random_images(12, seed=7)
     with M.FeatureExtractor(name, ["fid", "isc"]) as fe:
         feats = fe(x)
     with torch.no_grad():
-        net.eval()
-        body = net.body(x.float() / 127.5 - 1)
-        logits = net.head(body)
-        net.train()
-    # Default layers: first feature for FID, "logits" for IS; the submodule "body" is captured with a hook.
-    torch.testing.assert_close(feats["fid"], body)
-    torch.testing.assert_close(feats["isc"], logits)
+        expected = net(x)
+    # The features are the module's output, whatever the metric.
+    torch.testing.assert_close(feats["fid"], expected)
+    torch.testing.assert_close(feats["isc"], expected)
+    # torch-fidelity's eval()/requires_grad_(False) went to a copy: the caller's module is as it was.
     assert net.training and all(p.requires_grad for p in net.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     out = M.compute_metrics(x, ef.random_images(20, seed=8), feature_extractor=name, kid=True, prc=True)
     assert np.isfinite(out["fid"]) and 0 <= out["precision"] <= 1
 
 
-def test_module_factory_with_arbitrary_arguments_is_accepted():
-    # The form the digits benchmark uses: a factory accepting anything, returning a features module.
-    net = SmallNet()
-
-    class Features(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net.body(x.float() / 127.5 - 1)
-
-    name = "test-factory-extractor"
-    M.register_feature_extractor(name, lambda *a, **k: Features())
-    x = ef.random_images(10, seed=9)
-    with M.FeatureExtractor(name, ["fid"]) as fe:
-        got = fe(x)["fid"]
-    torch.testing.assert_close(got, net.body(x.float() / 127.5 - 1).detach())
-    with pytest.raises(TypeError, match="nn.Module"):
-        M.register_feature_extractor("test-bad-factory", lambda: 3)
-        M.FeatureExtractor("test-bad-factory", ["fid"])
+def test_a_non_module_extractor_is_refused():
+    for bad in (lambda *a, **k: SmallNet(), 3, "SmallNet", SmallNet):  # factories and classes are not modules
+        with pytest.raises(TypeError, match="nn.Module"):
+            M.register_feature_extractor("test-bad-extractor", bad)
+        with pytest.raises(TypeError, match="nn.Module"):
+            M.module_extractor(bad)
+    assert not M.is_registered("test-bad-extractor")
 
 
 def test_unregistered_extractor_is_named_in_the_error():

@@ -1,13 +1,15 @@
 """Tests for sidlib.networks: EDM-compatible architectures and their forward pass.
 
-* The five paper architectures are built on the meta device and compared with EDM's key lists
-  (names, order, shapes, buffers) and parameter counts.
+* The paper's architectures (sidlib's table ``PAPER_NETWORKS``) are built on the meta device and
+  compared with key lists generated from EDM's ``training/networks.py`` (``tests/data/edm_keys``):
+  names, order, shapes, buffers, constructor kwargs and parameter counts.
 * The forward pass of tiny SongUNet (DDPM++, NCSN++, skip encoder/decoder) and DhariwalUNet
   configurations is compared with an independent functional re-derivation written below: it reads
   the state_dict and uses its own group norm, its own FIR resampling (explicit shifted sums,
   transposed convolution as zero insertion), and explicit index arithmetic for the interleaved qkv.
 * Individual traps (qkv layout, sin/cos swap, label scaling, GroupNorm eps, preconditioning
-  formulas) and the performance options (sdpa, channels_last, bf16) are tested directly.
+  formulas), the precision setting (``set_precision``) and the performance options (sdpa,
+  channels_last) are tested directly.
 """
 
 import ast
@@ -21,11 +23,13 @@ import torch
 import torch.nn.functional as F
 
 import sidlib.networks as nets
-from sidlib.networks import (MODEL_TYPES, PRECOND_TYPES, DhariwalUNet, EDMPrecond, MLPNet, SongUNet,
-                             VEPrecond, VPPrecond, build_network, set_attention_backend)
+from sidlib.networks import (ARCHITECTURES, MODEL_TYPES, PAPER_NETWORKS, PRECOND_TYPES, DhariwalUNet, EDMPrecond,
+                             MLPNet, SongUNet, VEPrecond, VPPrecond, build_network, edm_kwargs, paper_network,
+                             set_attention_backend, set_precision)
 from sidlib.networks import layers
 
-EDM_KEYS = Path(__file__).resolve().parents[2] / 'shared/spec/edm_keys'
+# Key lists generated from EDM's training/networks.py for the paper's architectures (vendored test data).
+EDM_KEYS = Path(__file__).resolve().parent / 'data' / 'edm_keys'
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -37,25 +41,12 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 # ----------------------------------------------------------------------------------------------
-# Paper architectures (kwargs from the spec, section 5.3/5.4; counts from the issue's table).
+# Paper architectures: sidlib's table (sidlib.networks.PAPER_NETWORKS) against EDM's key lists.
 
-DDPMPP = dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
-              decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=128)
-PAPER_ARCHS = {
-    'cifar10-uncond': (dict(img_resolution=32, img_channels=3, label_dim=0, channel_mult=[2, 2, 2],
-                            augment_dim=9, dropout=0.13, **DDPMPP), 55_733_891),
-    'cifar10-cond': (dict(img_resolution=32, img_channels=3, label_dim=10, channel_mult=[2, 2, 2],
-                          augment_dim=9, dropout=0.13, **DDPMPP), 55_735_299),
-    'ffhq64': (dict(img_resolution=64, img_channels=3, label_dim=0, channel_mult=[1, 2, 2, 2],
-                    augment_dim=9, dropout=0.05, **DDPMPP), 61_805_571),
-    'imagenet64': (dict(img_resolution=64, img_channels=3, label_dim=1000, use_fp16=True,
-                        model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4],
-                        dropout=0.1), 295_899_267),
-    'cifar10-ncsnpp': (dict(img_resolution=32, img_channels=3, label_dim=0, model_type='SongUNet',
-                            embedding_type='fourier', encoder_type='residual', decoder_type='standard',
-                            channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
-                            channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13), 56_397_827),
-}
+#: PAPER_NETWORKS name -> key list of its architecture. AFHQv2 64x64 has FFHQ 64x64's architecture (EDM's
+#: README trains both with --arch=ddpmpp --cres=1,2,2,2; only the dropout differs, which has no parameters).
+KEY_LIST_OF = {'cifar10-uncond': 'cifar10-uncond', 'cifar10-cond': 'cifar10-cond', 'ffhq64': 'ffhq64',
+               'afhqv2-64': 'ffhq64', 'imagenet64-cond': 'imagenet64', 'cifar10-ncsnpp': 'cifar10-ncsnpp'}
 
 
 def build_meta(kwargs):
@@ -77,40 +68,63 @@ def read_key_list(name):
     return kwargs, keys, {k: int(v) for k, v in header.items()}
 
 
-needs_keys = pytest.mark.skipif(not EDM_KEYS.is_dir(), reason=f'EDM key lists not found at {EDM_KEYS}')
+def test_every_key_list_is_covered_by_the_table():
+    assert set(KEY_LIST_OF) == set(PAPER_NETWORKS)
+    assert set(KEY_LIST_OF.values()) == {p.stem for p in EDM_KEYS.glob('*.txt')}
+    assert set(json.loads((EDM_KEYS / 'module_tree.json').read_text())) == set(KEY_LIST_OF.values())
 
 
-@pytest.mark.parametrize('name', list(PAPER_ARCHS))
+@pytest.mark.parametrize('name', list(PAPER_NETWORKS))
 def test_paper_parameter_counts(name):
-    kwargs, expected = PAPER_ARCHS[name]
-    net = build_meta(kwargs)
-    assert sum(p.numel() for p in net.parameters()) == expected
+    # The count in EDM's key list is independent of sidlib; the table's own field must agree with both.
+    _, _, header = read_key_list(KEY_LIST_OF[name])
+    net = build_meta(paper_network(name))
+    assert sum(p.numel() for p in net.parameters()) == header['params']
+    assert PAPER_NETWORKS[name]['parameters'] == header['params']
 
 
-@needs_keys
-@pytest.mark.parametrize('name', list(PAPER_ARCHS))
+@pytest.mark.parametrize('name', list(PAPER_NETWORKS))
 def test_state_dict_matches_edm_key_list(name):
-    kwargs, keys, header = read_key_list(name)
-    net = build_meta(kwargs)
+    kwargs, keys, header = read_key_list(KEY_LIST_OF[name])
+    net = build_meta(paper_network(name))
     got = [(k, list(v.shape)) for k, v in net.state_dict().items()]
     # Same names, same order, same shapes.
     assert got == keys
     assert len(got) == header['tensors_in_state_dict']
     assert sum(1 for _ in net.buffers()) == header['buffers']
-    assert sum(p.numel() for p in net.parameters()) == header['params'] == PAPER_ARCHS[name][1]
-    # init_kwargs records exactly what was passed; the spec's kwargs agree with the recorded ones.
-    assert net.init_kwargs == kwargs
-    assert {'use_fp16': False, **PAPER_ARCHS[name][0]} == kwargs
+    # init_kwargs records exactly what was passed; the table's kwargs equal the ones EDM's code was run with
+    # (dropout aside for AFHQv2, which shares FFHQ's key list).
+    assert net.init_kwargs == paper_network(name)
+    table = paper_network(name)
+    if name == 'afhqv2-64':
+        del table['dropout'], kwargs['dropout']
+    assert table == kwargs
 
 
-@needs_keys
-@pytest.mark.parametrize('name', list(PAPER_ARCHS))
+@pytest.mark.parametrize('name', list(PAPER_NETWORKS))
 def test_module_order_matches_edm_tree(name):
-    tree = json.loads((EDM_KEYS / 'module_tree.json').read_text())[name]
-    net = build_meta(read_key_list(name)[0])
+    key_list = KEY_LIST_OF[name]
+    tree = json.loads((EDM_KEYS / 'module_tree.json').read_text())[key_list]
+    net = build_meta(paper_network(name))
     assert list(net.model.enc.keys()) == tree['enc']
     assert list(net.model.dec.keys()) == tree['dec']
     assert [[k, list(v.shape)] for k, v in net.named_buffers()] == [list(b) for b in tree['buffers']]
+    assert sum(p.numel() for p in net.parameters()) == tree['params']
+
+
+def test_table_arch_names_and_edm_kwargs():
+    for name, entry in PAPER_NETWORKS.items():
+        # Each network is its --arch's inner kwargs plus resolution, channels, labels and extras.
+        assert ARCHITECTURES[entry['arch']].items() <= entry['kwargs'].items(), name
+    # Overrides come last; the table hands out copies.
+    assert edm_kwargs('ddpmpp', img_resolution=8, channel_mult=(1, 2), model_channels=16)['model_channels'] == 16
+    copy_ = paper_network('cifar10-uncond')
+    copy_['channel_mult'].append(4)
+    assert paper_network('cifar10-uncond')['channel_mult'] == [2, 2, 2]
+    with pytest.raises(ValueError, match='unknown architecture'):
+        edm_kwargs('ddpm', img_resolution=32, channel_mult=[1])
+    with pytest.raises(KeyError, match='cifar10-uncond'):
+        paper_network('cifar100')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,24 +354,26 @@ def ref_dhariwal_unet(sd, cfg, x, noise, labels=None, aug=None):
     return ref.conv(F.silu(ref.gn(h, 'out_norm')), 'out_conv')
 
 
+def inner_kwargs(arch, **kw):
+    """Inner-network kwargs of one of EDM's ``--arch`` names (sidlib's table), scaled down by ``kw``."""
+    out = {k: v for k, v in ARCHITECTURES[arch].items() if k != 'model_type'}
+    out.update(kw)
+    return out
+
+
 TINY = {
-    'ddpmpp': (SongUNet, ref_song_unet, dict(
-        img_resolution=16, in_channels=3, out_channels=3, label_dim=4, augment_dim=9, model_channels=16,
-        channel_mult=[1, 2, 2], channel_mult_emb=2, num_blocks=2, attn_resolutions=[8], dropout=0.0,
-        embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
-        decoder_type='standard', resample_filter=[1, 1])),
-    'ncsnpp': (SongUNet, ref_song_unet, dict(
-        img_resolution=16, in_channels=3, out_channels=3, label_dim=0, augment_dim=9, model_channels=16,
-        channel_mult=[1, 2, 2], channel_mult_emb=2, num_blocks=2, attn_resolutions=[8], dropout=0.0,
-        embedding_type='fourier', channel_mult_noise=2, encoder_type='residual',
-        decoder_type='standard', resample_filter=[1, 3, 3, 1])),
-    'song-skip': (SongUNet, ref_song_unet, dict(
-        img_resolution=16, in_channels=2, out_channels=2, label_dim=3, augment_dim=0, model_channels=16,
+    'ddpmpp': (SongUNet, ref_song_unet, inner_kwargs(
+        'ddpmpp', img_resolution=16, in_channels=3, out_channels=3, label_dim=4, augment_dim=9, model_channels=16,
+        channel_mult=[1, 2, 2], channel_mult_emb=2, num_blocks=2, attn_resolutions=[8], dropout=0.0)),
+    'ncsnpp': (SongUNet, ref_song_unet, inner_kwargs(
+        'ncsnpp', img_resolution=16, in_channels=3, out_channels=3, label_dim=0, augment_dim=9, model_channels=16,
+        channel_mult=[1, 2, 2], channel_mult_emb=2, num_blocks=2, attn_resolutions=[8], dropout=0.0)),
+    'song-skip': (SongUNet, ref_song_unet, inner_kwargs(
+        'ddpmpp', img_resolution=16, in_channels=2, out_channels=2, label_dim=3, augment_dim=0, model_channels=16,
         channel_mult=[1, 2, 1], channel_mult_emb=2, num_blocks=1, attn_resolutions=[16, 4], dropout=0.0,
-        embedding_type='positional', channel_mult_noise=1, encoder_type='skip',
-        decoder_type='skip', resample_filter=[1, 3, 3, 1])),
-    'adm': (DhariwalUNet, ref_dhariwal_unet, dict(
-        img_resolution=8, in_channels=3, out_channels=3, label_dim=5, augment_dim=9, model_channels=64,
+        encoder_type='skip', decoder_type='skip', resample_filter=[1, 3, 3, 1])),
+    'adm': (DhariwalUNet, ref_dhariwal_unet, inner_kwargs(
+        'adm', img_resolution=8, in_channels=3, out_channels=3, label_dim=5, augment_dim=9, model_channels=64,
         channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[8, 4], dropout=0.0)),
 }
 
@@ -689,30 +705,68 @@ def test_channels_last_equals_contiguous(key):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_precision_options_on_cpu():
+def _tiny_precond(use_fp16):
+    """The tiny DDPM++ network of TINY inside EDMPrecond (random weights, so every layer matters)."""
     inner, _, cfg = build_tiny('ddpmpp')
     kwargs = {k: v for k, v in cfg.items() if k not in ('in_channels', 'out_channels')}
-    net = EDMPrecond(img_channels=3, model_type='SongUNet', **kwargs).eval()
+    net = EDMPrecond(img_channels=3, model_type='SongUNet', use_fp16=use_fp16, **kwargs).eval()
     net.model.load_state_dict(inner.state_dict())
-    x, sigma, labels, aug = tiny_inputs(cfg)
-    with torch.no_grad():
-        fp32 = net(x, sigma, labels)
-        net.use_fp16 = True            # CUDA-only: the CPU keeps running fp32
-        assert net.autocast_dtype(x.device) is None
-        torch.testing.assert_close(net(x, sigma, labels), fp32, rtol=0, atol=0)
-        net.amp_dtype = 'bf16'
-        assert net.autocast_dtype(x.device) == torch.bfloat16
-        bf16 = net(x, sigma, labels)
-        torch.testing.assert_close(net(x, sigma, labels, force_fp32=True), fp32, rtol=0, atol=0)
-    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
-    assert not torch.equal(bf16, fp32)                     # it really ran in reduced precision
-    assert (bf16 - fp32).abs().max() < 0.05 * fp32.abs().max()
-    assert net.autocast_dtype('cuda') == torch.bfloat16    # amp_dtype overrides use_fp16
-    net.amp_dtype = None
+    return net, tiny_inputs(cfg)
+
+
+def test_autocast_dtype_follows_set_precision():
+    net, _ = _tiny_precond(use_fp16=True)
+    plain, _ = _tiny_precond(use_fp16=False)
+    # Never set: EDM's default, fp16 on CUDA only and only when built with use_fp16.
+    assert net.precision is None and plain.precision is None
+    assert net.autocast_dtype('cpu') is None and net.autocast_dtype('cuda') == torch.float16
+    assert plain.autocast_dtype('cuda') is None
+    expected = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+    for precision, dtype in expected.items():
+        for m in (net, plain):
+            assert set_precision(m, precision) is m and m.precision == precision
+            # The setting wins over use_fp16 and over the device: 'fp32' is full precision even on CUDA.
+            assert m.autocast_dtype('cpu') == dtype and m.autocast_dtype('cuda') == dtype
+            assert m.autocast_dtype('cuda', force_fp32=True) is None   # EDM's argument keeps its meaning
+    set_precision(net, None)
     assert net.autocast_dtype('cuda') == torch.float16
-    net.amp_dtype = 'int8'
-    with pytest.raises(ValueError, match='amp_dtype'):
-        net(x, sigma, labels)
+
+
+def test_set_precision_reaches_every_wrapper_and_refuses_unknown_names():
+    a, _ = _tiny_precond(use_fp16=False)
+    b = EDMPrecond(img_resolution=1, img_channels=2, model_type='MLPNet', model_channels=8, num_layers=1)
+    other = torch.nn.Linear(2, 2)
+    holder = torch.nn.ModuleDict({'a': a, 'b': b, 'other': other})
+    assert set_precision(holder, 'bf16') is holder
+    assert a.precision == b.precision == 'bf16' and not hasattr(other, 'precision')
+    for bad in ('int8', 'float32', 'BF16'):
+        with pytest.raises(ValueError, match='precision'):
+            set_precision(holder, bad)
+    assert a.precision == b.precision == 'bf16'   # a refused name changes nothing
+
+
+def test_fp32_precision_of_a_use_fp16_network_is_bitwise_the_default_on_cpu():
+    net, (x, sigma, labels, _) = _tiny_precond(use_fp16=True)
+    plain, _ = _tiny_precond(use_fp16=False)
+    with torch.no_grad():
+        default = net(x, sigma, labels)
+        set_precision(net, 'fp32')
+        fp32 = net(x, sigma, labels)
+        reference = plain(x, sigma, labels)   # the same weights built without use_fp16
+    assert fp32.dtype == torch.float32
+    assert torch.equal(fp32, default) and torch.equal(fp32, reference)
+
+
+def test_bf16_precision_differs_from_fp32_but_is_close():
+    net, (x, sigma, labels, _) = _tiny_precond(use_fp16=False)
+    with torch.no_grad():
+        fp32 = set_precision(net, 'fp32')(x, sigma, labels)
+        bf16 = set_precision(net, 'bf16')(x, sigma, labels)
+        forced = net(x, sigma, labels, force_fp32=True)
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()   # the wrapper returns fp32 either way
+    assert not torch.equal(bf16, fp32)                                 # it really ran in reduced precision
+    assert (bf16 - fp32).abs().max() < 0.05 * fp32.abs().max()
+    assert torch.equal(forced, fp32)
 
 
 def test_attention_softmax_stays_fp32_under_autocast():

@@ -1,19 +1,24 @@
-"""sidlib.paper: tables keep reported and measured numbers apart; figures are written. No network, no GPU."""
+"""experiments.paper.tables: tables keep reported and measured numbers apart; figures are written; the `tables`
+command. No network, no GPU."""
 
 import csv
 import io
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 
-from sidlib import fid_protocol as FP
-from sidlib import paper
+from experiments.paper import tables as paper
+from sidlib.metrics import protocol as FP
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def fake_result(benchmark, fids, *, method="SiD", alpha=1.2, nfe=1, num_images=50_000, network="x.pkl", isc=None,
                 pr=None):
-    """A metrics JSON as sidlib.fid_protocol writes it (summary built by its own summarise_trials)."""
+    """A metrics JSON as sidlib.metrics.protocol writes it (summary built by its own summarise_trials)."""
     names = FP.metric_names(num_images)
     trials = []
     for i, f in enumerate(fids):
@@ -74,12 +79,14 @@ def test_without_measurements_every_row_is_not_run_here_and_measured_columns_are
 
 def test_measurements_fill_only_their_row_and_never_take_reported_numbers(tmp_path):
     reported = paper.load_reported()
-    files = [write(tmp_path, "sid.json", fake_result("cifar10-uncond", [2.11, 2.05, 2.2], isc=[9.8, 9.9, 9.7],
-                                                     network="sid-cifar10-uncond-alpha1.2")),
-             write(tmp_path, "teacher.json", fake_result("cifar10-uncond", [2.3], method="EDM teacher", alpha=None,
-                                                         nfe=35, network="edm-cifar10-32x32-uncond-vp")),
-             write(tmp_path, "alpha1.json", fake_result("cifar10-uncond", [2.4, 2.5], alpha=1.0)),
-             write(tmp_path, "imnet.json", fake_result("imagenet64-cond", [1.6], pr=[(0.74, 0.63)]))]
+    for name, result in (
+            ("sid.json", fake_result("cifar10-uncond", [2.11, 2.05, 2.2], isc=[9.8, 9.9, 9.7],
+                                     network="sid-cifar10-uncond-alpha1.2")),
+            ("teacher.json", fake_result("cifar10-uncond", [2.3], method="EDM teacher", alpha=None, nfe=35,
+                                         network="edm-cifar10-32x32-uncond-vp")),
+            ("alpha1.json", fake_result("cifar10-uncond", [2.4, 2.5], alpha=1.0)),
+            ("imnet.json", fake_result("imagenet64-cond", [1.6], pr=[(0.74, 0.63)]))):
+        write(tmp_path, name, result)
     meas = paper.load_measurements([str(tmp_path / "*.json")])
     assert len(meas) == 4
     rows = rows_of(1, reported, meas)
@@ -141,9 +148,10 @@ def test_write_tables_produces_markdown_and_csv(tmp_path):
 def test_training_curve_and_figures(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    recs = [{"images_seen": 0, "metrics": {"fid10k_proxy": 80.0}}, {"images_seen": 5000},
-            {"images_seen": 10240, "metrics": {"fid10k_proxy": 20.0}},
-            {"images_seen": 20480, "metrics": {"fid10k_proxy": 9.5}}]
+    # Records as sidlib.distill's loop writes them: every tick, metrics at snapshots only.
+    recs = [{"tick": t, "iteration": n // 512, "images_seen": n, "kimg": n / 1000, **({"metrics": m} if m else {})}
+            for t, (n, m) in enumerate([(0, {"fid10k_proxy": 80.0}), (5120, None), (10240, {"fid10k_proxy": 20.0}),
+                                        (20480, {"fid10k_proxy": 9.5})])]
     (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     (run / "config.json").write_text(json.dumps({"alpha": 1.2}))
     c = paper.load_training_curve(run)
@@ -156,3 +164,30 @@ def test_training_curve_and_figures(tmp_path):
     png2 = paper.plot_alpha_comparison({"toy": {0.5: 3.0, 1.0: 2.0, 1.2: 1.9}}, out=tmp_path / "a.png")
     assert png2.stat().st_size > 1000
     assert math.isfinite(sum(c["fid"]))
+
+
+def test_tables_command_writes_the_four_tables(tmp_path, capsys):
+    from experiments.paper.__main__ import main
+
+    (tmp_path / "m").mkdir()
+    write(tmp_path / "m", "sid.json", fake_result("cifar10-cond", [1.9, 1.8], network="sid-cifar10-cond-alpha1.2"))
+    assert main(["tables", "--metrics", str(tmp_path / "m"), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert {Path(p).name for p in printed} == {f"table{n}.{e}" for n in range(1, 5) for e in ("md", "csv")} | {
+        "tables.md"}
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "table2.csv").read_text())))
+    sid = [r for r in rows if r["method"] == "SiD"]
+    assert len(sid) == 1 and float(sid[0]["measured_fid_mean"]) == pytest.approx(1.85)
+    assert float(sid[0]["reported_fid"]) == 1.71
+
+
+def test_every_reported_number_is_the_reported_csv_and_its_sources_are_documented():
+    # The CSV the tables read is the one the data README documents, next to it.
+    assert paper.REPORTED_CSV.is_file() and (paper.REPORTED_CSV.parent / "README.md").is_file()
+    assert paper.REPORTED_CSV.name in (paper.REPORTED_CSV.parent / "README.md").read_text()
+
+
+def test_the_table_footnote_cites_a_file_that_exists():
+    md = paper.table_markdown(1, paper.build_table(1, paper.load_reported(), []))
+    cited = [c for c in re.findall(r"`([^`]+\.csv)`", md)]
+    assert cited and all((ROOT / c).is_file() for c in cited), cited

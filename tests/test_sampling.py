@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from sidlib.sampling import (derive_seed, edm_sigmas, generate_fewstep, generate_onestep, heun_sampler,
-                             labels_for_seeds, latents_for_seeds, random_labels, sample_generators, to_uint8)
+from sidlib.rng import (derive_seed, labels_for_seeds, latents_for_seeds, rand, randn, random_labels,
+                        sample_generators)
+from sidlib.sampling import edm_sigmas, generate_fewstep, generate_onestep, heun_sampler, to_uint8
 
 MU, S = 0.3, 0.4  # data N(MU, S^2) per dimension
 
@@ -89,7 +90,7 @@ class AffineG(torch.nn.Module):
         return torch.tanh(self.w * x / (1 + s)) + 0.1 * s
 
 
-def test_generate_onestep_feeds_sigma_init_times_z():
+def test_generate_onestep_feeds_init_sigma_times_z():
     G = AffineG()
     z = latents_for_seeds([1, 2, 3], [1, 2, 2])
     x = generate_onestep(G, z, 2.5)
@@ -135,6 +136,37 @@ def test_derived_seeds_and_per_sample_generators():
     a = [g.initial_seed() for g in sample_generators(range(4), 1, 2)]
     b = [g.initial_seed() for g in sample_generators(range(2, 4), 1, 2)]
     assert a[2:] == b
+    assert a == [derive_seed(1, 2, i) for i in range(4)]
+    assert all(0 <= derive_seed(k) < 2 ** 63 for k in (0, 1, -1, 2 ** 64 - 1))
+
+
+def test_per_sample_draws_come_row_by_row_from_their_generators():
+    gens = sample_generators(range(3), 5, 0)
+    x = randn(3, [2, 2], gens)
+    u = rand(3, [4], sample_generators(range(3), 5, 0))
+    for i in range(3):
+        # Row i is what a fresh generator seeded like generator i draws on its own.
+        own = torch.Generator().manual_seed(derive_seed(5, 0, i))
+        assert torch.equal(x[i], torch.randn([2, 2], generator=own))
+        assert torch.equal(u[i], torch.rand([4], generator=torch.Generator().manual_seed(derive_seed(5, 0, i))))
+    with pytest.raises(ValueError, match='per-sample generators'):
+        randn(4, [2], gens)
+    # One generator draws the whole batch at once.
+    one = randn(3, [2], torch.Generator().manual_seed(11))
+    assert torch.equal(one, torch.randn([3, 2], generator=torch.Generator().manual_seed(11)))
+
+
+def test_named_streams_are_distinct_where_they_share_a_key_position():
+    from sidlib import rng
+
+    # Keys that sit in the same position of derive_seed calls must differ (see the table in sidlib.rng).
+    assert rng.PHASE_FAKE != rng.PHASE_G
+    assert rng.RANK_STREAM > 10 ** 6 > rng.DROPOUT_STREAM
+    assert rng.STUDENT_INIT_STREAM not in (rng.PHASE_FAKE, rng.PHASE_G)
+    # Evaluation streams as documented: per seed, independent of how seeds are grouped.
+    assert [g.initial_seed() for g in rng.churn_generators([3, 4])] == [derive_seed(rng.CHURN_STREAM, s) for s in (3, 4)]
+    own = [torch.Generator().manual_seed(derive_seed(s, rng.LABEL_STREAM)) for s in (3, 4)]
+    assert torch.equal(labels_for_seeds([3, 4], 5), random_labels(2, 5, own))
 
 
 def test_to_uint8_rounding_and_clipping():

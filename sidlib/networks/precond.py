@@ -4,15 +4,15 @@
 ``_init_kwargs`` stored in an EDM/SiD pickle build them directly, and they hold the inner network
 as the child ``model`` (state_dict keys ``model.*``, no tensors of their own).
 
-Precision: the wrappers always take and return fp32. The inner network runs
-
-* under ``torch.autocast(float16)`` when ``use_fp16`` is set and the input is on CUDA (the CPU runs
-  fp32, as EDM does);
-* under the autocast dtype named by the attribute ``amp_dtype`` when it is set after construction
-  (``'bf16'``, ``'fp16'``, or ``'fp32'`` to force full precision); it takes precedence over
-  ``use_fp16`` and is not a constructor kwarg, so EDM kwargs stay unchanged;
-* in fp32 whenever ``force_fp32=True`` is passed to ``forward``.
+Precision: the wrappers always take and return fp32; the inner network's precision is one setting,
+:func:`set_precision` (``'fp32'``, ``'bf16'`` or ``'fp16'``), which the distillation loop applies to all four
+networks from ``DistillConfig.precision``. ``'fp32'`` is full precision whatever the checkpoint's ``use_fp16``
+says; ``'bf16'``/``'fp16'`` run the inner network under ``torch.autocast``. A network whose precision was never
+set behaves as EDM's does: fp16 on CUDA when built with ``use_fp16``, else fp32 (EDM's ``force_fp32`` argument
+keeps its meaning).
 """
+
+from __future__ import annotations
 
 import contextlib
 import functools
@@ -26,11 +26,13 @@ from .dhariwal_unet import DhariwalUNet
 from .mlp import MLPNet
 from .song_unet import SongUNet
 
-__all__ = ['EDMPrecond', 'VPPrecond', 'VEPrecond', 'MODEL_TYPES', 'PRECOND_TYPES', 'build_network']
+__all__ = ['EDMPrecond', 'VPPrecond', 'VEPrecond', 'MODEL_TYPES', 'PRECOND_TYPES', 'PRECISIONS', 'build_network',
+           'set_precision']
 
 MODEL_TYPES = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet, 'MLPNet': MLPNet}
 
-_AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}
+#: Precision name -> autocast dtype of the inner network (None: no autocast).
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def _jsonable(value):
@@ -79,9 +81,6 @@ def _records_init_kwargs(cls):
 class _Precond(torch.nn.Module):
     """Shared machinery: label handling, precision policy and the skip combination."""
 
-    # Optional autocast override ('bf16' | 'fp16' | 'fp32' | None); see the module docstring.
-    amp_dtype = None
-
     def __init__(self, img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs):
         super().__init__()
         if model_type not in MODEL_TYPES:
@@ -90,6 +89,7 @@ class _Precond(torch.nn.Module):
         self.img_channels = img_channels
         self.label_dim = label_dim
         self.use_fp16 = use_fp16
+        self.precision = None  # see set_precision()
         self.model = MODEL_TYPES[model_type](img_resolution=img_resolution, in_channels=img_channels,
                                              out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
@@ -105,12 +105,9 @@ class _Precond(torch.nn.Module):
         """dtype the inner network runs in under autocast on ``device``, or None for plain fp32."""
         if force_fp32:
             return None
-        device = torch.device(device)
-        if self.amp_dtype is not None:
-            if self.amp_dtype not in _AMP_DTYPES:
-                raise ValueError(f'amp_dtype must be one of {sorted(_AMP_DTYPES)} or None, not {self.amp_dtype!r}')
-            return _AMP_DTYPES[self.amp_dtype]
-        return torch.float16 if (self.use_fp16 and device.type == 'cuda') else None
+        if self.precision is not None:
+            return PRECISIONS[self.precision]
+        return torch.float16 if (self.use_fp16 and torch.device(device).type == 'cuda') else None
 
     def _labels(self, class_labels, x):
         if self.label_dim == 0:
@@ -127,7 +124,7 @@ class _Precond(torch.nn.Module):
             x: noisy images ``[N, C, R, R]`` (any float dtype; computed in fp32).
             sigma: noise level(s) in data units: a scalar, ``[N]`` or ``[N, 1, 1, 1]``.
             class_labels: one-hot ``[N, label_dim]`` (or None -> zero row) for conditional nets.
-            force_fp32: run the inner network in fp32 regardless of ``use_fp16``/``amp_dtype``.
+            force_fp32: run the inner network in fp32 whatever the precision (EDM's argument).
             augment_labels: ``[N, augment_dim]`` augmentation conditioning, or None.
 
         Returns the fp32 denoised images ``[N, C, R, R]``.
@@ -155,7 +152,7 @@ class EDMPrecond(_Precond):
     Args:
         img_resolution, img_channels: image side length and channels.
         label_dim: number of classes (0 = unconditional).
-        use_fp16: run the inner network under fp16 autocast on CUDA.
+        use_fp16: EDM's flag: fp16 on CUDA unless :func:`set_precision` says otherwise.
         sigma_min, sigma_max: supported noise range (informational, used by samplers).
         sigma_data: data standard deviation (0.5 for images in [-1, 1]).
         model_type: 'SongUNet', 'DhariwalUNet' or 'MLPNet'.
@@ -251,3 +248,14 @@ def build_network(class_name, init_kwargs):
     if class_name not in PRECOND_TYPES:
         raise ValueError(f'unknown network class {class_name!r}; expected one of {sorted(PRECOND_TYPES)}')
     return PRECOND_TYPES[class_name](**dict(init_kwargs))
+
+
+def set_precision(net: torch.nn.Module, precision: str | None) -> torch.nn.Module:
+    """Set how every preconditioned network inside ``net`` computes: ``'fp32'``, ``'bf16'``, ``'fp16'``, or None
+    for EDM's default (``use_fp16``). Other modules (e.g. an analytic teacher) are left as they are. Returns ``net``."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f'precision must be one of {sorted(PRECISIONS)} or None, got {precision!r}')
+    for m in net.modules():
+        if isinstance(m, _Precond):
+            m.precision = precision
+    return net

@@ -1,0 +1,118 @@
+"""SiD runs of a benchmark: the grid of ``<bench>.runs``, one DistillConfig per point, one folder per config.
+
+A run folder is named after its grid point and a digest of everything that defines its trajectory: the
+DistillConfig minus the keys a resumed run may change, and the source code that computes it (:func:`code_digest`).
+A changed configuration or changed code starts a fresh run in a new folder instead of resuming or reloading an old
+one, so the reports always come from the code that is checked in, and ``dvc exp run -S digits.distill.alpha=1.0``
+never touches the old runs.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidlib.distill import ConfigError, DistillConfig
+from sidlib.distill.config import RESUMABLE_CHANGES
+
+from .params import ParamsError, check_keys, check_list
+
+__all__ = ["Run", "expand_runs", "config_digest", "code_digest", "validate_distill"]
+
+_ROOT = Path(__file__).resolve().parents[2]
+#: The code a run's trajectory depends on: the library and the benchmarks (not their figures, not the paper).
+_CODE = ("sidlib", "experiments/common", "experiments/toy2d", "experiments/digits")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One point of the run grid: ``point`` (grid values), ``name`` (folder stem) and the DistillConfig dict."""
+
+    point: dict
+    name: str
+    config: dict
+
+    def dir(self, root: Path) -> Path:
+        return Path(root) / f"{self.name}-{config_digest(self.config)}"
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest() -> str:
+    """sha256 over the Python sources of :data:`_CODE` (file names and contents, sorted), figures excluded."""
+    h = hashlib.sha256()
+    for folder in _CODE:
+        for f in sorted((_ROOT / folder).rglob("*.py")):
+            if f.name not in ("plots.py", "figures.py", "reports.py", "stage.py"):
+                h.update(str(f.relative_to(_ROOT)).encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def config_digest(config: dict) -> str:
+    """8 hex digits of sha256 over the trajectory-defining keys of a DistillConfig mapping and :func:`code_digest`."""
+    full = DistillConfig.from_dict(config).to_dict()
+    key = {k: v for k, v in sorted(full.items()) if k not in RESUMABLE_CHANGES}
+    return hashlib.sha256(json.dumps([key, code_digest()], sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def expand_runs(section: dict, name: str, extra_keys=(), fill=None) -> list:
+    """The runs of a benchmark section: for each grid of ``section['runs']`` (a mapping key -> list of values, or a
+    list of such grids), the product of its values over ``section['distill']``.
+
+    ``extra_keys``: grid keys that are not DistillConfig keys (e.g. ``variant``); ``fill(point, config) -> config``
+    adds what the benchmark sets itself (teacher, student geometry, device, ...). Order: grid by grid, key order.
+    """
+    out = []
+    for grid in _grids(section):
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            point = dict(zip(keys, values))
+            config = {**section["distill"], **{k: v for k, v in point.items() if k not in extra_keys}}
+            config = fill(point, config) if fill else config
+            out.append(Run(point, "-".join(f"{k}{_fmt(v)}" if k not in extra_keys else str(v)
+                                           for k, v in point.items()), config))
+    return out
+
+
+def _grids(section: dict) -> list:
+    runs = section["runs"]
+    return runs if isinstance(runs, list) else [runs]
+
+
+def validate_distill(section: dict, name: str, extra_keys=(), fill=None) -> None:
+    """Every run's DistillConfig builds and validates; errors name ``<name>.distill.<key>`` or ``<name>.runs.<key>``."""
+    grids = _grids(section)
+    for i, grid in enumerate(check_list(grids, f"{name}.runs")):
+        where = f"{name}.runs" + (f"[{i}]" if isinstance(section["runs"], list) else "")
+        check_keys(grid, where, set(DistillConfig.__dataclass_fields__) | set(extra_keys))
+        for k, v in grid.items():
+            check_list(v, f"{where}.{k}")
+    if not isinstance(section["distill"], dict):
+        raise ParamsError(f"{name}.distill must be a mapping of DistillConfig keys")
+    all_runs = expand_runs(section, name, extra_keys, fill)
+    names = [r.name for r in all_runs]
+    if len(set(names)) != len(names):
+        raise ParamsError(f"{name}.runs: the grids produce the same run twice "
+                          f"({next(n for n in names if names.count(n) > 1)})")
+    for run in all_runs:
+        where = {k: f"{name}.runs.{k}" for k in run.point}
+        try:
+            cfg = DistillConfig.from_dict(run.config, where=f"{name}.distill.")
+            cfg.validate(where=f"{name}.distill.")
+        except ConfigError as e:
+            msg = str(e)
+            for k, w in where.items():  # a grid value is reported where it was written
+                msg = msg.replace(f"{name}.distill.{k}:", f"{w}:")
+            raise ParamsError(msg) from None
+    digests = [config_digest(r.config) for r in all_runs]
+    for i, d in enumerate(digests):
+        if digests.index(d) != i:
+            raise ParamsError(f"{name}.runs: {all_runs[digests.index(d)].name} and {all_runs[i].name} are the same "
+                              "run (identical configuration)")

@@ -1,0 +1,275 @@
+"""The configuration of a SiD run: one dataclass, one translation from plain data, one validation.
+
+:meth:`DistillConfig.from_dict` is the only way from a mapping (a YAML file, a params block, a preset) to a
+config: unknown keys and wrong types raise :class:`ConfigError` naming the key. :meth:`DistillConfig.validate`
+checks every range before anything is computed or written. Units: learning rates per Adam step; ``tmax`` in
+1/1000 of the rho-schedule (SiD's ``--tmax``); ``*_kimg`` in thousands of generator images; ``*_ticks`` in ticks.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ['ConfigError', 'DistillConfig', 'RESUMABLE_CHANGES', 'RNG_SCHEMES', 'G_INIT_DEFAULTS', 'check_resume']
+
+#: How training noise is drawn (see :mod:`sidlib.rng`): one generator per sample, one per global batch (both
+#: independent of the process count), or one per process and micro-batch (fastest on GPUs, not split-independent).
+RNG_SCHEMES = ('per_sample', 'per_batch', 'per_rank')
+
+#: Settings of the data-free start of G (``g_init``), see :mod:`sidlib.distill.init`; ``cache_dir`` (optional) keeps
+#: each start for reuse by runs that share it (e.g. an alpha sweep).
+G_INIT_DEFAULTS = {'pairs': 20_000, 'heun_steps': 18, 'steps': 2000, 'batch': 256, 'lr': 1e-3, 'fake_steps': 1000,
+                   'cache_dir': None}
+
+
+class ConfigError(ValueError):
+    """Invalid distillation configuration; the message names the offending key(s)."""
+
+
+#: Keys that may change between a run and its resumption (they do not define the trajectory).
+RESUMABLE_CHANGES = frozenset({
+    'duration_kimg', 'iterations', 'tick_kimg', 'snap_ticks', 'state_ticks', 'numbered_state_ticks', 'run_dir',
+    'eval_fn', 'eval_kwargs', 'grid_size', 'progress', 'resume', 'device', 'num_threads', 'compile', 'channels_last',
+    'attention', 'fused_adam', 'batch_gpu',
+})
+
+
+@dataclass
+class DistillConfig:
+    """Plain-data configuration of a SiD run.
+
+    Teacher and students:
+        teacher: a :func:`sidlib.load_network` source (file, directory, URL, registered name) or the name of an
+            in-process teacher registered with :func:`sidlib.distill.register_teacher`.
+        teacher_kwargs: expected teacher constructor kwargs; a stored teacher that differs is refused.
+        student: constructor kwargs for G and the fake score: overrides of the teacher's (e.g. dropout) for
+            network teachers, the full kwargs for in-process teachers.
+        student_class: precond class of the students ('EDMPrecond').
+    SiD: alpha (1.2), tmax (800), init_sigma (2.5).
+    Optimisation: batch (global), batch_gpu (micro-batch per process; None = whole per-process batch), lr / glr
+        (fake score / G), g_beta1, beta2, adam_eps (None = 1e-8, or 1e-6 for fp16), ls / lsg (loss scales),
+        dropout (None = keep the networks'), augment_p (fake-score augmentation; needs augment_dim=9),
+        ema_halflife_kimg, ema_rampup.
+    Length and bookkeeping: iterations or duration_kimg (exactly one), tick_kimg, snap_ticks (G_ema snapshot +
+        grid + eval every N ticks, 0 = only at the end), state_ticks (training state every N ticks and at the
+        end), numbered_state_ticks (also keep training-state-<kimg>.pt every N ticks; 0 = never).
+    Randomness: seed, rng ('per_sample' | 'per_batch' | 'per_rank', see :mod:`sidlib.rng`), label_probs (class
+        probabilities; None = uniform).
+    Start: g_init (None = G and the fake score start as copies of the teacher; a mapping of
+        :data:`G_INIT_DEFAULTS` keys = regress G on the teacher's own sampler first, see :mod:`sidlib.distill.init`).
+    Numerics / performance: precision ('fp32' | 'bf16' | 'fp16': how all four networks compute), device ('auto' |
+        'cpu' | 'cuda' | 'cuda:N'), channels_last, compile, attention (None | 'math' | 'sdpa'), fused_adam,
+        num_threads.
+    Outputs: run_dir, eval_fn ('package.module:function' of an installed module, called as fn(G_ema, kimg) ->
+        dict at snapshots; with eval_kwargs, the named function is a factory called once as fn(**eval_kwargs)),
+        grid_size (images in the PNG sample grid; 0 = none), progress (tqdm bar), resume.
+    """
+
+    teacher: str = ''
+    teacher_kwargs: Optional[dict] = None
+    student: Optional[dict] = None
+    student_class: str = 'EDMPrecond'
+    alpha: float = 1.2
+    tmax: float = 800.0
+    init_sigma: float = 2.5
+    batch: int = 256
+    batch_gpu: Optional[int] = None
+    lr: float = 1e-5
+    glr: float = 1e-5
+    g_beta1: float = 0.0
+    beta2: float = 0.999
+    adam_eps: Optional[float] = None
+    ls: float = 1.0
+    lsg: float = 100.0
+    dropout: Optional[float] = None
+    augment_p: float = 0.0
+    ema_halflife_kimg: float = 500.0
+    ema_rampup: Optional[float] = 0.05
+    iterations: Optional[int] = None
+    duration_kimg: Optional[float] = None
+    tick_kimg: float = 10.0
+    snap_ticks: int = 50
+    state_ticks: int = 10
+    numbered_state_ticks: int = 0
+    seed: int = 0
+    rng: str = 'per_sample'
+    label_probs: Optional[list] = None
+    g_init: Optional[dict] = None
+    precision: str = 'fp32'
+    device: str = 'auto'
+    channels_last: bool = False
+    compile: bool = False
+    attention: Optional[str] = None
+    fused_adam: bool = False
+    num_threads: Optional[int] = None
+    run_dir: Optional[str] = None
+    eval_fn: Optional[str] = None
+    eval_kwargs: Optional[dict] = None
+    grid_size: int = 64
+    progress: bool = True
+    resume: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict] = None, *, where: str = '', **overrides) -> 'DistillConfig':
+        """Build and type-check a config from plain data; unknown keys and wrong types raise ConfigError.
+
+        ``where`` prefixes every key named in an error (e.g. ``'digits.distill.'``).
+        """
+        d = {**(d or {}), **overrides}
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(d) - set(hints))
+        if unknown:
+            raise ConfigError(f'unknown config key(s): {", ".join(where + k for k in unknown)}; '
+                              f'valid keys: {", ".join(sorted(hints))}')
+        return cls(**{k: _coerce(where + k, v, hints[k]) for k, v in d.items()})
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(dataclasses.asdict(self))
+
+    def replace(self, **changes) -> 'DistillConfig':
+        return DistillConfig.from_dict({**self.to_dict(), **changes})
+
+    def total_iterations(self) -> int:
+        if self.iterations is not None:
+            return int(self.iterations)
+        return int(math.ceil(self.duration_kimg * 1000 / self.batch))
+
+    def resolved_adam_eps(self) -> float:
+        if self.adam_eps is not None:
+            return float(self.adam_eps)
+        return 1e-6 if self.precision == 'fp16' else 1e-8
+
+    def validate(self, world_size: int = 1, *, where: str = '') -> None:
+        """Raise ConfigError naming every out-of-range key (prefixed by ``where``); touches no files."""
+        errs = []
+
+        def need(cond, key, msg):
+            if not cond:
+                errs.append(f'{where}{key}: {msg}')
+
+        need(isinstance(self.teacher, str) and self.teacher.strip() != '', 'teacher', 'a teacher source is required')
+        need(math.isfinite(self.alpha) and -10 <= self.alpha <= 10, 'alpha', f'must be finite in [-10, 10], got {self.alpha}')
+        need(math.isfinite(self.tmax) and 0 < self.tmax <= 1000, 'tmax', f'must be in (0, 1000], got {self.tmax}')
+        need(math.isfinite(self.init_sigma) and 0 < self.init_sigma <= 1000, 'init_sigma',
+             f'must be in (0, 1000], got {self.init_sigma}')
+        need(self.batch > 0, 'batch', f'must be positive, got {self.batch}')
+        need(self.batch_gpu is None or self.batch_gpu > 0, 'batch_gpu', f'must be positive, got {self.batch_gpu}')
+        if self.batch > 0 and (self.batch_gpu is None or self.batch_gpu > 0):
+            per = self.batch_gpu if self.batch_gpu is not None else self.batch // max(world_size, 1)
+            need(per > 0 and self.batch % (per * world_size) == 0, 'batch',
+                 f'batch {self.batch} must be divisible by batch_gpu ({self.batch_gpu}) x world size ({world_size})')
+        for key in ('lr', 'glr'):
+            v = getattr(self, key)
+            need(math.isfinite(v) and v > 0, key, f'must be a positive learning rate, got {v}')
+        for key in ('g_beta1', 'beta2'):
+            v = getattr(self, key)
+            need(0 <= v < 1, key, f'must be in [0, 1), got {v}')
+        need(self.adam_eps is None or (math.isfinite(self.adam_eps) and self.adam_eps > 0), 'adam_eps',
+             f'must be positive, got {self.adam_eps}')
+        for key in ('ls', 'lsg'):
+            v = getattr(self, key)
+            need(math.isfinite(v) and v > 0, key, f'must be a positive loss scale, got {v}')
+        need(self.dropout is None or 0 <= self.dropout < 1, 'dropout', f'must be in [0, 1), got {self.dropout}')
+        need(0 <= self.augment_p <= 1, 'augment_p', f'must be in [0, 1], got {self.augment_p}')
+        need(self.ema_halflife_kimg >= 0, 'ema_halflife_kimg', f'must be >= 0, got {self.ema_halflife_kimg}')
+        need(self.ema_rampup is None or self.ema_rampup > 0, 'ema_rampup',
+             f'must be positive or null, got {self.ema_rampup}')
+        need((self.iterations is None) != (self.duration_kimg is None), 'iterations',
+             'give exactly one of iterations / duration_kimg')
+        need(self.iterations is None or self.iterations > 0, 'iterations', f'must be positive, got {self.iterations}')
+        need(self.duration_kimg is None or self.duration_kimg > 0, 'duration_kimg',
+             f'must be positive, got {self.duration_kimg}')
+        need(self.tick_kimg > 0, 'tick_kimg', f'must be positive, got {self.tick_kimg}')
+        for key in ('snap_ticks', 'state_ticks', 'numbered_state_ticks', 'grid_size'):
+            need(getattr(self, key) >= 0, key, f'must be >= 0, got {getattr(self, key)}')
+        need(self.seed >= 0, 'seed', f'must be >= 0, got {self.seed}')
+        need(self.rng in RNG_SCHEMES, 'rng', f"must be one of {', '.join(RNG_SCHEMES)}, got {self.rng!r}")
+        need(self.precision in ('fp32', 'bf16', 'fp16'), 'precision',
+             f"must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        need(self.attention in (None, 'math', 'sdpa'), 'attention',
+             f"must be null, 'math' or 'sdpa', got {self.attention!r}")
+        need(self.num_threads is None or self.num_threads > 0, 'num_threads', f'must be positive, got {self.num_threads}')
+        if self.g_init is not None:
+            bad = sorted(set(self.g_init) - set(G_INIT_DEFAULTS))
+            need(not bad, 'g_init', f'unknown key(s) {bad}; valid: {sorted(G_INIT_DEFAULTS)}')
+            cache = self.g_init.get('cache_dir')
+            need(cache is None or isinstance(cache, str), 'g_init.cache_dir', f'must be a path or null, got {cache!r}')
+            for k, v in self.g_init.items():
+                if k in G_INIT_DEFAULTS and k != 'cache_dir':
+                    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                    need(ok and (k == 'lr' or float(v).is_integer()), f'g_init.{k}',
+                         f'must be a positive {"number" if k == "lr" else "integer"}, got {v!r}')
+        if self.label_probs is not None:
+            ok = len(self.label_probs) > 0 and all(isinstance(p, (int, float)) and math.isfinite(p) and p >= 0
+                                                   for p in self.label_probs) and sum(self.label_probs) > 0
+            need(ok, 'label_probs', 'must be a non-empty list of non-negative numbers with a positive sum')
+        dev = self.device
+        need(dev in ('auto', 'cpu', 'cuda') or dev.startswith('cuda:'), 'device',
+             f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
+        if dev.startswith('cuda') and not torch.cuda.is_available():
+            errs.append(f'{where}device: {dev!r} requested but CUDA is not available')
+        if self.eval_fn is not None:
+            need(':' in self.eval_fn, 'eval_fn', "must look like 'package.module:function'")
+        if errs:
+            raise ConfigError('invalid distillation config:\n  ' + '\n  '.join(errs))
+
+
+def _coerce(key: str, value, tp):
+    """Check ``value`` against the dataclass annotation ``tp`` (ints accepted for floats)."""
+    optional = typing.get_origin(tp) is typing.Union
+    if optional:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f'{key}: must not be null')
+    base = typing.get_origin(tp) or tp
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f'{key}: expected true/false, got {value!r}')
+        return value
+    if base is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f'{key}: expected an integer, got {value!r}')
+        return int(value)
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f'{key}: expected a number, got {value!r}')
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f'{key}: expected a string, got {value!r}')
+        return value
+    if base is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f'{key}: expected a mapping, got {value!r}')
+        return copy.deepcopy(value)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f'{key}: expected a list, got {value!r}')
+    return list(value)
+
+
+def normalise(v):
+    """Tuples as lists, recursively: stored JSON and live configs compare equal."""
+    if isinstance(v, (list, tuple)):
+        return [normalise(x) for x in v]
+    if isinstance(v, dict):
+        return {k: normalise(x) for k, x in v.items()}
+    return v
+
+
+def check_resume(stored: dict, cfg: DistillConfig) -> None:
+    """Refuse to resume a state written with a config that differs in a key outside :data:`RESUMABLE_CHANGES`."""
+    now = cfg.to_dict()
+    diff = sorted(k for k in set(stored) | set(now)
+                  if k not in RESUMABLE_CHANGES and normalise(stored.get(k)) != normalise(now.get(k)))
+    if diff:
+        detail = ', '.join(f'{k}: state {stored.get(k)!r} vs config {now.get(k)!r}' for k in diff)
+        raise ConfigError(f'cannot resume: the run directory holds a state made with a different config ({detail})')

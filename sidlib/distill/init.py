@@ -1,0 +1,124 @@
+"""A data-free start for SiD: fit G to the teacher's own sampler before distilling (``DistillConfig.g_init``).
+
+SiD starts G and the fake score as copies of the teacher. That works when the teacher's one-step output is already
+an image-like map (U-Nets on images), but not for a teacher without weights to copy (an analytic denoiser) or when
+the random start lands far from any mode. This start uses nothing but the teacher:
+
+1. draw ``pairs`` latents z (and labels) and run EDM's Heun sampler of the teacher (``heun_steps`` steps,
+   ``2 heun_steps - 1`` NFE) from ``sigma_max z``, giving samples x0(z);
+2. regress ``G(init_sigma z) -> x0(z)`` with Adam (``steps`` steps of ``batch`` pairs, learning rate ``lr``): G
+   becomes an approximate deterministic transport map of the teacher's ODE;
+3. pre-fit the fake score to that G with ``fake_steps`` steps of its EDM loss (Adam at the config's ``lr``), so
+   the first generator updates see a fake score that matches G. The fake score starts from the teacher's weights
+   as usual, or, for a teacher without weights, from the fitted G.
+
+Every draw comes from ``derive_seed(seed, G_INIT_STREAM, part)`` (:mod:`sidlib.rng`). With ``cache_dir``, the
+result is stored as ``g-init-<digest>.pt`` under a digest of everything it depends on (teacher, student kwargs,
+settings, seed, init_sigma, fake-score optimiser and batch), and runs that share it load it instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..io.atomic import atomic_path
+from ..rng import G_INIT_STREAM, derive_seed, randn, random_labels
+from ..sampling import edm_sigmas, generate_onestep, heun_sampler
+
+__all__ = ['teacher_samples', 'regress_generator', 'prefit_fake_score', 'run_g_init']
+
+
+@torch.no_grad()
+def teacher_samples(teacher, n: int, shape, label_dim: int, heun_steps: int, seed: int, device, chunk: int = 4096):
+    """``(z [n, *shape], labels [n, label_dim] | None, x0 [n, *shape])``: Heun samples of the teacher from latents z."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, G_INIT_STREAM, 0))
+    z = randn(n, shape, gen, dtype=torch.float64)
+    labels = random_labels(n, label_dim, gen)
+    sigmas = edm_sigmas(heun_steps)
+    x0 = [heun_sampler(teacher, (z[i:i + chunk] * sigmas[0]).to(device), sigmas,
+                       class_labels=None if labels is None else labels[i:i + chunk].to(device))[0].float()
+          for i in range(0, n, chunk)]
+    return z.float().to(device), (None if labels is None else labels.to(device)), torch.cat(x0)
+
+
+def regress_generator(G, z, labels, x0, *, init_sigma: float, steps: int, batch: int, lr: float, seed: int) -> float:
+    """Adam on ``mean ||G(init_sigma z) - x0||^2`` over random minibatches; returns the last minibatch's loss."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, G_INIT_STREAM, 1))
+    torch.manual_seed(derive_seed(seed, G_INIT_STREAM, 1))  # dropout
+    opt = torch.optim.Adam(G.parameters(), lr=lr)
+    G.train().requires_grad_(True)
+    loss = torch.zeros(())
+    for _ in range(int(steps)):
+        idx = torch.randint(z.shape[0], [int(batch)], generator=gen).to(z.device)
+        out = generate_onestep(G, z[idx], init_sigma, None if labels is None else labels[idx])
+        loss = (out - x0[idx]).square().flatten(1).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    G.eval()
+    return float(loss.detach())
+
+
+def prefit_fake_score(fake, G, sid_loss, *, init_sigma: float, label_dim: int, steps: int, batch: int, lr: float,
+                      eps: float, seed: int, device) -> float:
+    """``steps`` Adam steps of the fake score's EDM loss on samples of G; returns the last loss per sample."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, G_INIT_STREAM, 2))
+    opt = torch.optim.Adam(fake.parameters(), lr=lr, betas=(0.0, 0.999), eps=eps)
+    shape = [int(G.img_channels), int(G.img_resolution), int(G.img_resolution)]
+    fake.train().requires_grad_(True)
+    G.eval()
+    loss = torch.zeros(())
+    for _ in range(int(steps)):
+        labels = random_labels(batch, label_dim, gen, device=device)
+        with torch.no_grad():
+            x_g = generate_onestep(G, randn(batch, shape, gen, device=device), init_sigma, labels)
+        per_elem, keep = sid_loss.fake_score_loss(fake, x_g, labels, generator=gen)
+        loss = per_elem.sum() / max(int(keep.sum()), 1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    fake.eval().requires_grad_(False)
+    return float(loss.detach())
+
+
+def _cache_file(cfg, settings: dict, nets) -> Path:
+    key = {'teacher': nets.provenance, 'student': nets.G.init_kwargs, 'fake': nets.fake.init_kwargs,
+           'settings': {k: v for k, v in settings.items() if k != 'cache_dir'},
+           **{k: getattr(cfg, k) for k in ('seed', 'init_sigma', 'lr', 'batch', 'augment_p', 'precision')},
+           'adam_eps': cfg.resolved_adam_eps()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(settings['cache_dir']) / f'g-init-{digest}.pt'
+
+
+def run_g_init(cfg, settings: dict, nets, sid_loss, device) -> dict:
+    """The whole start (steps 1-3) for ``nets.G`` and ``nets.fake`` in place, or its cached result; returns a
+    summary for the log."""
+    cache = _cache_file(cfg, settings, nets) if settings.get('cache_dir') else None
+    if cache is not None and cache.is_file():
+        state = torch.load(cache, map_location='cpu', weights_only=True)
+        nets.G.load_state_dict(state['G'])
+        nets.fake.load_state_dict(state['fake'])
+        return {**state['record'], 'g_init_cached': True}
+    t0 = time.perf_counter()
+    G, fake, teacher = nets.G, nets.fake, nets.teacher
+    shape = [int(G.img_channels), int(G.img_resolution), int(G.img_resolution)]
+    label_dim = int(getattr(teacher, 'label_dim', 0) or 0)
+    z, labels, x0 = teacher_samples(teacher, int(settings['pairs']), shape, label_dim, int(settings['heun_steps']),
+                                    cfg.seed, device)
+    mse = regress_generator(G, z, labels, x0, init_sigma=cfg.init_sigma, steps=settings['steps'],
+                            batch=settings['batch'], lr=settings['lr'], seed=cfg.seed)
+    if nets.provenance.get('kind') == 'in-process':
+        fake.load_state_dict(G.state_dict())  # no teacher weights to start from: the fake score starts as G
+    fake_loss = prefit_fake_score(fake, G, sid_loss, init_sigma=cfg.init_sigma, label_dim=label_dim,
+                                  steps=settings['fake_steps'], batch=cfg.batch, lr=cfg.lr,
+                                  eps=cfg.resolved_adam_eps(), seed=cfg.seed, device=device)
+    record = {'g_init_mse': mse, 'g_init_fake_loss': fake_loss, 'g_init_seconds': time.perf_counter() - t0}
+    if cache is not None:
+        with atomic_path(cache) as tmp:
+            torch.save({'G': G.state_dict(), 'fake': fake.state_dict(), 'record': record}, tmp)
+    return record
