@@ -20,24 +20,18 @@ __all__ = ['EDMLoss', 'sid_sigma', 'sample_sid_sigma', 'sid_generator_loss', 'fi
 
 
 class EDMLoss:
-    """EDM denoising loss ``lambda(sigma) * (D(y + sigma n; sigma, labels, aug) - y)^2`` per element.
+    """EDM's denoising loss per element, ``lambda(sigma) (D(y + sigma n; sigma, labels, aug) - y)^2`` with
+    ``ln sigma ~ N(P_mean, P_std^2)`` and ``lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2``.
 
-    ln sigma ~ N(P_mean, P_std^2); lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2.
-
-    ``__call__(net, images, labels=None, augment_pipe=None, generator=None, *, sigma=None, noise=None,
-    augment_labels=None) -> [N, C, H, W]`` float32.
-
-    Random draws, in this order, from ``generator`` (None / one generator / per-sample generators):
-    the log-normal sigma, the augmentation, the noise n. ``sigma`` ``[N, 1, 1, 1]`` and ``noise``
-    ``[N, C, H, W]`` may be given explicitly instead. ``augment_labels`` is passed to the net when no
-    ``augment_pipe`` is used (e.g. zeros for a net built with ``augment_dim=9``).
+    Draws, in this order, from ``generator`` (None / one generator / per-sample generators): sigma, the
+    augmentation, the noise; ``sigma [N, 1, 1, 1]`` and ``noise`` may be given instead. ``augment_labels`` goes to
+    the net when no ``augment_pipe`` is used (e.g. zeros for a net built with ``augment_dim=9``).
     """
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
         self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
 
     def sample_sigma(self, n: int, generator: GeneratorArg = None, device=None) -> torch.Tensor:
-        """Log-normal noise levels ``[n, 1, 1, 1]``."""
         return (randn(n, [1, 1, 1], generator, device=device) * self.P_std + self.P_mean).exp()
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -63,32 +57,22 @@ class EDMLoss:
 
 
 def sid_sigma(u, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
-    """Noise level of the rho-schedule at position ``u`` in [0, 1]: u=0 -> sigma_min, u=1 -> sigma_max.
-
-    sigma(u) = (sigma_min^(1/rho) + u (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho. Works on floats and tensors.
-    """
+    """``(sigma_min^(1/rho) + u (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho``, u in [0, 1] (floats or tensors)."""
     a, b = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (a + u * (b - a)) ** rho
 
 
 def sample_sid_sigma(n: int, tmax: float, *, generator: GeneratorArg = None, device=None,
                      sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """SiD's generator-loss noise levels ``[n, 1, 1, 1]``: u ~ U(0, tmax/1000), sigma = sid_sigma(u).
-
-    tmax = 800 gives sigma in [0.002, 24.41].
-    """
+    """SiD's generator-loss noise levels ``[n, 1, 1, 1]``: sid_sigma(u), u ~ U(0, tmax/1000) (800: <= 24.41)."""
     u = rand(n, [1, 1, 1], generator, device=device) * (float(tmax) / 1000.0)
     return sid_sigma(u, sigma_min, sigma_max, rho)
 
 
 def sid_generator_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SiD generator loss per element, before any loss scale or reduction.
-
-    loss = (y_real - y_fake) * ((y_real - x_g) - alpha (y_real - y_fake)) / w,
-    w = max(1e-5, mean_{C,H,W} |x_g - y_real|) per sample, computed in fp32 and detached.
-
-    Shapes: all inputs ``[N, C, H, W]`` (any trailing dims); returns float32 of the same shape.
-    Gradients flow into x_g, y_real and y_fake (through the frozen networks' inputs) but not into w.
+    """SiD's generator loss per element (float32, shape of the inputs), before loss scale and reduction:
+    ``(y_real - y_fake) ((y_real - x_g) - alpha (y_real - y_fake)) / w`` with the detached per-sample normaliser
+    ``w = max(1e-5, mean_{C,H,W} |x_g - y_real|)``. Gradients flow into all three inputs but not into w.
     """
     x_g, y_real, y_fake = x_g.to(torch.float32), y_real.to(torch.float32), y_fake.to(torch.float32)
     with torch.no_grad():
@@ -99,10 +83,7 @@ def sid_generator_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Te
 
 
 def finite_sample_mask(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
-    """Bool ``[N]``: True for samples whose rows are finite (no NaN/Inf) in every given tensor.
-
-    ``None`` entries are ignored; every tensor's first dimension is the batch.
-    """
+    """Bool ``[N]``: True for samples whose rows are finite in every given tensor (None entries are ignored)."""
     mask = None
     for t in tensors:
         if t is None:

@@ -16,13 +16,18 @@ dropout and label dropout              torch's global RNG, reseeded with
 student init (in-process teachers)     ``derive_seed(seed, STUDENT_INIT_STREAM)`` (global RNG, forked)
 data-free start of G (``g_init``)      ``derive_seed(seed, G_INIT_STREAM, part)``, part 0: latents and labels,
                                        1: regression batches and dropout, 2: fake-score pre-fit
-evaluation latent of seed ``s``        ``s`` (as EDM's ``generate.py`` numbers its images)
-evaluation label of seed ``s``         ``derive_seed(s, LABEL_STREAM)``
-Heun churn noise of seed ``s``         ``derive_seed(CHURN_STREAM, s)``
+evaluation seed ``s``                  ``s % 2**32`` on the generating device (EDM's ``StackedRandomGenerator``
+                                       in ``generate.py``; SiD's ``generate_onestep.py``), drawn in this order:
+                                       the latent (float32 ``randn``), the class label (``randint(label_dim)``,
+                                       or one float64 uniform when class frequencies are given), then one
+                                       float64 ``randn`` per step of the stochastic Heun sampler
 =====================================  =======================================================================
 
-``derive_seed`` mixes its keys with SplitMix64, so neighbouring keys give unrelated streams (unlike ``seed + i``).
-The constants below only have to differ from each other and from small counters; their values are arbitrary.
+``derive_seed`` mixes its keys with SplitMix64, so neighbouring keys give unrelated streams (unlike ``seed + i``);
+two streams meet only when their whole key tuples are equal. The training constants keep their values (runs stay
+reproducible), which leaves one meeting: the ``per_batch`` streams of iteration ``G_INIT_STREAM`` (1761) equal
+the ``g_init`` parts 0 and 1. Evaluation seeds are below ``2**32`` and the derived seeds are 63-bit hashes, so the
+two families do not meet in practice.
 
 "Generator" arguments (:data:`GeneratorArg`) accept ``None`` (torch's global RNG), one ``torch.Generator``, or
 a sequence of per-sample generators (one per row of the batch); per-sample draws are made on each generator's
@@ -31,14 +36,14 @@ device and then moved to the requested device.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
 __all__ = [
-    'GeneratorArg', 'PHASE_FAKE', 'PHASE_G', 'RANK_STREAM', 'DROPOUT_STREAM', 'STUDENT_INIT_STREAM', 'LABEL_STREAM',
-    'CHURN_STREAM', 'G_INIT_STREAM', 'BatchStream', 'derive_seed', 'sample_generators', 'randn', 'rand', 'random_labels', 'latents_for_seeds',
-    'labels_for_seeds', 'churn_generators',
+    'GeneratorArg', 'PHASE_FAKE', 'PHASE_G', 'RANK_STREAM', 'DROPOUT_STREAM', 'STUDENT_INIT_STREAM',
+    'G_INIT_STREAM', 'BatchStream', 'derive_seed', 'sample_generators', 'randn', 'rand', 'random_labels',
+    'SeedInputs', 'seed_generators', 'inputs_for_seeds', 'latents_for_seeds',
 ]
 
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator], 'BatchStream']
@@ -51,10 +56,6 @@ RANK_STREAM = 1_000_003
 DROPOUT_STREAM = 7
 #: Key of the random initialisation of students built from kwargs (teachers without weights to copy).
 STUDENT_INIT_STREAM = 0xC0FFEE
-#: Key of the class label drawn for an evaluation seed (the latent uses the seed itself).
-LABEL_STREAM = 1
-#: Key of the churn noise of EDM's stochastic Heun sampler for an evaluation seed.
-CHURN_STREAM = 7
 #: Key of the data-free initialisation of G from the teacher's sampler.
 G_INIT_STREAM = 0x6E1
 
@@ -166,27 +167,62 @@ def random_labels(n: int, num_classes: int, generator: GeneratorArg = None, devi
     return torch.nn.functional.one_hot(idx, num_classes).to(torch.float32).to(device)
 
 
+class SeedInputs(NamedTuple):
+    """What an evaluation seed gives: latents ``[N, *shape]`` float32, one-hot labels ``[N, label_dim]`` float32
+    (None when unconditional) and the per-seed generators, positioned for the sampler's own noise."""
+    latents: torch.Tensor
+    labels: Optional[torch.Tensor]
+    generators: list
+
+
+def seed_generators(seeds: Sequence[int], device=None) -> list:
+    """One generator per seed on ``device`` (default CPU), seeded with ``seed % 2**32`` (EDM's
+    ``StackedRandomGenerator``). CPU and CUDA generators give different numbers for the same seed."""
+    device = torch.device('cpu') if device is None else torch.device(device)
+    return [torch.Generator(device=device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+
+
+def _one_hot(idx: torch.Tensor, num_classes: int, device) -> torch.Tensor:
+    return torch.eye(num_classes, device=idx.device)[idx].to(device)
+
+
+def inputs_for_seeds(seeds: Sequence[int], shape: Sequence[int], label_dim: int = 0, device=None, *,
+                     probs: Optional[Sequence[float]] = None, class_idx: Optional[int] = None) -> SeedInputs:
+    """Latents and labels of evaluation seeds, drawn as EDM's ``generate.py`` and SiD's ``generate_onestep.py`` draw
+    them: per seed, ``randn(shape)`` (float32) then ``randint(label_dim)`` from the seed's generator on ``device``.
+
+    probs: class frequencies (length ``label_dim``, need not be normalised): the label is then one float64 uniform
+        from the same generator, inverted through the CDF (an option EDM does not have). class_idx: every label set
+        to this class after the draw (EDM's ``--class``), so the sampler's later noise is unchanged.
+    Any split of the seeds over batches or processes gives the same rows.
+    """
+    shape, gens = [int(s) for s in shape], seed_generators(seeds, device)
+    if not gens:
+        z = torch.zeros([0] + shape, device=device)
+        return SeedInputs(z, torch.zeros([0, label_dim], device=device) if label_dim > 0 else None, gens)
+    z = torch.stack([torch.randn(shape, generator=g, device=g.device) for g in gens])
+    if label_dim <= 0:
+        if class_idx is not None:
+            raise ValueError(f'class {class_idx} given for an unconditional network')
+        return SeedInputs(z, None, gens)
+    if probs is None:
+        idx = torch.stack([torch.randint(label_dim, size=[], generator=g, device=g.device) for g in gens])
+    else:
+        p = torch.as_tensor(probs, dtype=torch.float64)
+        if p.shape != (label_dim,) or not bool((p >= 0).all()) or float(p.sum()) <= 0:
+            raise ValueError(f'class frequencies must be {label_dim} non-negative numbers with a positive sum, '
+                             f'got {list(p.shape)} values')
+        u = torch.stack([torch.rand([], generator=g, device=g.device, dtype=torch.float64) for g in gens]).cpu()
+        idx = torch.searchsorted(torch.cumsum(p / p.sum(), 0), u, right=True).clamp_(max=label_dim - 1)
+    if class_idx is not None:
+        if not 0 <= int(class_idx) < label_dim:
+            raise ValueError(f'class {class_idx} outside 0..{label_dim - 1}')
+        idx = torch.full_like(idx, int(class_idx))
+    return SeedInputs(z, _one_hot(idx, label_dim, z.device), gens)
+
+
 def latents_for_seeds(seeds: Sequence[int], shape: Sequence[int], device=None,
                       dtype=torch.float64) -> torch.Tensor:
-    """Latents ``[len(seeds), *shape]``: row i = ``randn(shape)`` from a CPU generator seeded with ``seeds[i]``.
-
-    Any split of the seeds over batches or processes gives the same rows. Drawn in float64 on the CPU, then moved.
-    """
-    rows = [torch.randn(list(shape), generator=torch.Generator().manual_seed(int(s)), dtype=dtype) for s in seeds]
-    out = torch.stack(rows) if rows else torch.zeros([0] + list(shape), dtype=dtype)
-    return out.to(device) if device is not None else out
-
-
-def labels_for_seeds(seeds: Sequence[int], num_classes: int, device=None,
-                     probs: Optional[Sequence[float]] = None) -> Optional[torch.Tensor]:
-    """One-hot labels ``[len(seeds), num_classes]`` (None if num_classes == 0), one generator per seed
-    (``derive_seed(seed, LABEL_STREAM)``), uniform unless ``probs`` is given."""
-    if num_classes <= 0:
-        return None
-    gens = [torch.Generator().manual_seed(derive_seed(int(s), LABEL_STREAM)) for s in seeds]
-    return random_labels(len(gens), num_classes, gens, device=device, probs=probs)
-
-
-def churn_generators(seeds: Sequence[int]) -> list:
-    """Per-seed generators of the stochastic Heun sampler's churn noise (``derive_seed(CHURN_STREAM, s)``)."""
-    return sample_generators(list(seeds), CHURN_STREAM)
+    """The latents of :func:`inputs_for_seeds` (EDM's float32 draw on ``device``), returned in ``dtype`` (an exact
+    cast for float64, the dtype EDM's Heun sampler integrates in)."""
+    return inputs_for_seeds(seeds, shape, 0, device).latents.to(dtype)

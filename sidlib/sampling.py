@@ -3,6 +3,8 @@
 * :func:`edm_sigmas` / :func:`heun_sampler`: EDM's deterministic/stochastic 2nd-order Heun sampler (Karras et al.
   2022, Algorithm 2; EDM's ``generate.py``) for teacher denoisers, with the number of network evaluations counted.
 * :func:`generate_onestep` / :func:`generate_fewstep`: sampling a SiD generator ``G`` (SiD's ``generate_onestep.py``).
+* :func:`onestep_generator` / :func:`heun_generator`: both as ``generator_fn(z, labels[, generators])`` of the
+  evaluation protocol (:mod:`sidlib.metrics.protocol`) and of ``python -m sidlib.generate``.
 * :func:`to_uint8`: images in [-1, 1] to the uint8 values EDM and SiD save.
 
 Seeded noise for evaluation (per-seed latents and labels) lives in :mod:`sidlib.rng`.
@@ -11,13 +13,14 @@ Seeded noise for evaluation (per-seed latents and labels) lives in :mod:`sidlib.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .rng import GeneratorArg, randn
 
-__all__ = ['edm_sigmas', 'heun_sampler', 'generate_onestep', 'generate_fewstep', 'augment_zeros', 'to_uint8']
+__all__ = ['edm_sigmas', 'heun_sampler', 'generate_onestep', 'generate_fewstep', 'augment_zeros', 'to_uint8',
+           'onestep_generator', 'heun_generator']
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,7 +49,7 @@ def _call(denoiser, x, sigma, class_labels):
 @torch.no_grad()
 def heun_sampler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=None,
                  S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float('inf'),
-                 S_noise: float = 1.0, generator: GeneratorArg = None):
+                 S_noise: float = 1.0, generator: GeneratorArg = None, noise_every_step: bool = False):
     """EDM's 2nd-order Heun sampler (EDM, Algorithm 2). Returns ``(x0, nfe)``.
 
     Args:
@@ -56,6 +59,9 @@ def heun_sampler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_label
         sigmas: ``[N_steps + 1]`` decreasing noise levels ending in 0 (see :func:`edm_sigmas`).
         S_churn, S_min, S_max, S_noise: EDM's stochasticity parameters (S_churn=0: deterministic).
         generator: randomness for the churn noise (only used when S_churn > 0).
+        noise_every_step: with S_churn > 0, draw the churn noise at every step and discard it where gamma = 0, as
+            EDM's ``edm_sampler`` does (it calls ``randn_like`` every step); with EDM's per-seed generators
+            (:func:`sidlib.rng.inputs_for_seeds`) this reproduces EDM's stochastic images.
 
     The deterministic sampler uses ``2 N - 1`` network evaluations: the last step is an Euler step.
     """
@@ -65,9 +71,10 @@ def heun_sampler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_label
     for i in range(num_steps):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
-        t_hat = t_cur * (1 + gamma)
+        t_hat = t_cur + gamma * t_cur
+        draw = gamma > 0 or (noise_every_step and S_churn > 0)
+        eps = randn(x.shape[0], x.shape[1:], generator, device=x.device, dtype=x.dtype) if draw else None
         if gamma > 0:
-            eps = randn(x.shape[0], x.shape[1:], generator, device=x.device, dtype=x.dtype)
             x_hat = x + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * eps
         else:
             x_hat = x
@@ -131,6 +138,40 @@ def generate_fewstep(G, z: torch.Tensor, sigmas: Sequence[float], class_labels=N
     return x
 
 
+def onestep_generator(G: torch.nn.Module, init_sigma: float = 2.5) -> Callable:
+    """SiD's one-step sampling ``G(init_sigma * z, init_sigma, labels)`` (``generate_onestep.py``) as a
+    ``generator_fn(z, labels)``; ``fn.nfe`` and ``fn.description`` say what it is."""
+    def fn(z, labels):
+        return generate_onestep(G, z.to(torch.float32), init_sigma, labels)
+    fn.nfe = 1
+    fn.description = {"kind": "onestep", "init_sigma": float(init_sigma), "nfe": 1}
+    return fn
+
+
+def heun_generator(net: torch.nn.Module, num_steps: int = 18, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                   rho: float = 7.0, S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"),
+                   S_noise: float = 1.0) -> Callable:
+    """EDM's ``edm_sampler`` (``generate.py``; ``num_steps`` Heun steps, NFE = 2*num_steps - 1) as a
+    ``generator_fn(z, labels, generators)``: float64 from ``z * sigma_max``, the sigma range clamped to the
+    network's, the churn noise drawn at every step from the seeds' generators (:func:`sidlib.rng.inputs_for_seeds`)."""
+    sigma_min = max(sigma_min, float(getattr(net, "sigma_min", 0.0)))
+    sigma_max = min(sigma_max, float(getattr(net, "sigma_max", math.inf)))
+    sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho)
+
+    def fn(z, labels, generators=None):
+        if S_churn > 0 and generators is None:
+            raise ValueError("the stochastic Heun sampler needs the seeds' generators")
+        x, _ = heun_sampler(net, z.to(torch.float64) * sigmas[0], sigmas.to(z.device), class_labels=labels,
+                            S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, generator=generators,
+                            noise_every_step=True)
+        return x
+    fn.nfe = 2 * num_steps - 1
+    fn.description = {"kind": "heun", "steps": int(num_steps), "nfe": 2 * num_steps - 1, "S_churn": S_churn,
+                      "S_min": S_min, "S_max": S_max if math.isfinite(S_max) else None, "S_noise": S_noise}
+    return fn
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> uint8 via ``clip(x * 127.5 + 128, 0, 255)`` (EDM/SiD's rounding), same layout."""
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+    """Images in [-1, 1] -> uint8 via ``clip(x * 127.5 + 128, 0, 255)``, same layout, computed in float64 as EDM's
+    ``generate.py`` and SiD's ``generate_onestep.py`` do (exact for float32 input, so the bytes equal theirs)."""
+    return (x.to(torch.float64) * 127.5 + 128).clip(0, 255).to(torch.uint8)

@@ -1,12 +1,23 @@
-"""SiD's loss object: both losses of one iteration draw their noise, call the networks and return per-element losses.
-
-Mirrors ``SID_EDMLoss`` in SiD's ``training/sid_loss.py``: the training loop generates ``x_g = G(init_sigma z)``
-and hands it over; the loss draws sigma, noise (and augmentations) from ``generator``, calls the fake score and,
-for the generator loss, the teacher, drops samples with non-finite values, and returns the per-element loss of the
-kept samples. The loop owns the reduction (sum times ``ls`` or ``lsg`` over the per-process batch).
+"""SiD's two losses of one iteration (``SID_EDMLoss`` in SiD's ``training/sid_loss.py``): draw the noise, call the
+networks, return the per-element losses of the kept samples; the loop owns the reduction (sum x ``ls`` / ``lsg``
+over the per-process batch).
 
 Random draws per sample, in this order: fake-score loss: log-normal sigma, augmentation, noise (EDM's order);
-generator loss: u ~ U(0, tmax/1000), noise.
+generator loss: u ~ U(0, tmax/1000), noise. Draws are made for every row, kept or not, so per-sample streams stay
+aligned.
+
+Non-finite samples (NaN/Inf) cost only their own row. SiD drops them after the networks ran, so a NaN row's
+activations meet its zero gradient in every weight gradient (0 * NaN) and poison the whole batch's gradient. Here:
+
+* a row of ``x_g`` that is not finite is replaced by zeros before any network sees it and dropped from the loss,
+  so it adds exactly zero to every gradient (and dropout masks of the other rows stay those of the full batch);
+* a network that produces non-finite values from a finite row (overflow, NaN weights reached by that input) has
+  NaN in its graph: the losses are then recomputed on the rows whose outputs were finite, with the same sigma,
+  noise and augmentation (the teacher and fake score are in eval mode in the generator loss, so their outputs
+  are unchanged; the fake score's dropout in its own loss is drawn anew). Rows still non-finite are dropped and
+  their gradients left to the loop's NaN -> 0 replacement, as in SiD.
+
+NaN produced inside G itself is the loop's business (it regenerates the finite rows, see ``sidlib.distill.loop``).
 """
 
 from __future__ import annotations
@@ -20,14 +31,36 @@ from .sampling import augment_zeros
 __all__ = ['SiDLoss']
 
 
-class SiDLoss:
-    """The fake-score and generator losses of SiD.
+def _rows(t, rows):
+    return t if t is None or rows is None else t[rows]
 
-    Args:
-        alpha: weight of the squared teacher-fake gap in the generator loss (1.2 in the paper's runs).
-        tmax: upper end of the generator loss's noise range, in 1/1000 units of the rho-schedule (800: sigma <= 24.4).
-        augment_pipe: :class:`sidlib.augment.AugmentPipe` applied to x_g in the fake-score loss, or None.
-        P_mean, P_std, sigma_data: EDM's log-normal training distribution and data std (fake-score loss).
+
+def _zero_bad_rows(x, ok):
+    return torch.where(ok.reshape(-1, *[1] * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _finite_loss(run, ok):
+    """``run(rows)`` -> per-element loss of ``rows`` (None: all); ``ok [N]``: rows with finite inputs.
+    Returns ``(loss of the kept rows, keep [N])`` with no NaN in the graph of the kept rows (module docstring)."""
+    loss = run(None)
+    keep = ok & finite_sample_mask(loss)
+    if bool(keep.all()):  # the one synchronisation of the usual case
+        return loss, keep
+    if bool((keep == ok).all()) or not bool(keep.any()):  # only zeroed input rows (exactly zero gradient), or none
+        return loss[keep], keep
+    idx = keep.nonzero().squeeze(1)
+    loss = run(idx)
+    again = finite_sample_mask(loss)
+    keep[idx[~again]] = False
+    return loss[again], keep
+
+
+class SiDLoss:
+    """SiD's fake-score and generator losses.
+
+    ``alpha``: weight of the squared teacher-fake gap (1.2 in the paper); ``tmax``: upper end of the generator
+    loss's noise range in 1/1000 of the rho-schedule (800: sigma <= 24.4); ``augment_pipe``: applied to x_g in the
+    fake-score loss, or None; ``P_mean, P_std, sigma_data``: EDM's training distribution for the fake-score loss.
     """
 
     def __init__(self, alpha: float = 1.2, tmax: float = 800.0, augment_pipe=None, P_mean: float = -1.2,
@@ -36,42 +69,44 @@ class SiDLoss:
         self.edm = EDMLoss(P_mean, P_std, sigma_data)
 
     def fake_score_loss(self, fake, x_g: torch.Tensor, labels=None, generator: GeneratorArg = None):
-        """EDM loss of the fake score on generated images ``x_g`` ``[N, C, H, W]`` (no graph into G).
-
-        Returns ``(loss [M, C, H, W] float32, keep [N] bool)``: the M rows whose loss is finite.
-        """
+        """EDM loss of the fake score on ``x_g [N, C, H, W]`` (detached). Returns ``(loss [M, C, H, W] float32,
+        keep [N] bool)``."""
         x_g = x_g.detach().to(torch.float32)
-        aug = None if self.augment_pipe is not None else augment_zeros(fake, x_g.shape[0], x_g.device)
-        loss = self.edm(fake, x_g, labels, augment_pipe=self.augment_pipe, generator=generator,
-                        augment_labels=aug).to(torch.float32)
-        keep = finite_sample_mask(loss)
-        return (loss if bool(keep.all()) else loss[keep]), keep
+        n, dev = x_g.shape[0], x_g.device
+        sigma = self.edm.sample_sigma(n, generator, device=dev)
+        if self.augment_pipe is not None:
+            y, aug = self.augment_pipe(x_g, generator=generator)
+        else:
+            y, aug = x_g, augment_zeros(fake, n, dev)
+        noise = randn(n, y.shape[1:], generator, device=dev)
+        ok = finite_sample_mask(y)
+        y = _zero_bad_rows(y, ok)
+
+        def run(rows):
+            return self.edm(fake, _rows(y, rows), _rows(labels, rows), sigma=_rows(sigma, rows),
+                            noise=_rows(noise, rows), augment_labels=_rows(aug, rows)).to(torch.float32)
+        return _finite_loss(run, ok)
 
     def generator_loss(self, teacher, fake, x_g: torch.Tensor, labels=None, generator: GeneratorArg = None):
-        """SiD's generator loss for generated images ``x_g`` ``[N, C, H, W]`` (with graph into G).
-
-        ``x_t = x_g + sigma n``; ``y_real = teacher(x_t)``, ``y_fake = fake(x_t)``; both networks are frozen by the
-        caller and gradients reach G through ``x_t``. Returns ``(loss [M, C, H, W] float32, keep [N] bool)``,
-        where the M kept rows are free of NaN/Inf in x_g, y_real and y_fake.
-        """
+        """SiD's generator loss for ``x_g [N, C, H, W]`` (with graph into G): ``x_t = x_g + sigma n``,
+        ``y_real = teacher(x_t)``, ``y_fake = fake(x_t)`` (both frozen by the caller; gradients reach G through
+        ``x_t``). Returns ``(loss [M, C, H, W] float32, keep [N] bool)``."""
         n = x_g.shape[0]
         x_g = x_g.to(torch.float32)
         sigma = sample_sid_sigma(n, self.tmax, generator=generator, device=x_g.device)
         noise = randn(n, x_g.shape[1:], generator, device=x_g.device)
         if x_g.dim() == 4 and not x_g.is_contiguous() and x_g.is_contiguous(memory_format=torch.channels_last):
             noise = noise.contiguous(memory_format=torch.channels_last)
-        x_t = x_g + sigma * noise
-        y_real = _call(teacher, x_t, sigma, labels)
-        y_fake = _call(fake, x_t, sigma, labels)
-        keep = finite_sample_mask(x_g, y_real, y_fake)
-        if not bool(keep.all()):
-            # Select before the formula: a bad row's NaN normaliser would turn its zero gradient into NaN on the
-            # way back to G.
-            x_g, y_real, y_fake = x_g[keep], y_real[keep], y_fake[keep]
-        return sid_generator_loss(x_g, y_real, y_fake, self.alpha), keep
+        ok = finite_sample_mask(x_g)
+        x_g = _zero_bad_rows(x_g, ok)
+
+        def run(rows):
+            x, s, c = _rows(x_g, rows), _rows(sigma, rows), _rows(labels, rows)
+            x_t = x + s * _rows(noise, rows)
+            return sid_generator_loss(x, _call(teacher, x_t, s, c), _call(fake, x_t, s, c), self.alpha)
+        return _finite_loss(run, ok)
 
 
 def _call(net, x, sigma, labels):
     aug = augment_zeros(net, x.shape[0], x.device)
-    kw = {} if aug is None else {'augment_labels': aug}
-    return net(x, sigma, labels, **kw).to(torch.float32)
+    return net(x, sigma, labels, **({} if aug is None else {'augment_labels': aug})).to(torch.float32)

@@ -25,8 +25,8 @@ from sidlib.io import checkpoints, download as dl, registry  # noqa: E402
 from sidlib.io.checkpoints import (SID_GENERATORS, TEACHER_ALIASES, TEACHERS, CheckpointError,  # noqa: E402
                                    UnsafePickleError, load_checkpoint, load_network, read_network_meta,
                                    save_network)
-from sidlib.io.edm_pickle import (ALLOWED_GLOBALS, PersistentRecord, load_storage_blob,  # noqa: E402
-                                  network_from_record, read_edm_pickle)
+from sidlib.io.edm_pickle import ALLOWED_GLOBALS, PersistentRecord, load_storage_blob, read_edm_pickle  # noqa: E402
+from sidlib.io.edm_records import network_from_record  # noqa: E402
 from sidlib.networks import build_network, edm_kwargs  # noqa: E402
 
 RES = 8
@@ -144,7 +144,7 @@ class _BlobPickler(pickle.Pickler):
         return None
 
 
-def hand_written_blob(values, declared: int, key="0") -> bytes:
+def hand_written_blob(values, declared: int, key="0", keys=None, count=None) -> bytes:
     """A legacy storage blob of float32 ``values`` whose header declares ``declared`` elements.
 
     Layout of torch's legacy format: magic number, protocol version, system info, the object (here the storage's
@@ -155,9 +155,9 @@ def hand_written_blob(values, declared: int, key="0") -> bytes:
                 {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}):
         pickle.dump(obj, buf, protocol=2)
     _BlobPickler(buf, declared, key).dump(_DeclaredStorage())
-    pickle.dump([key], buf, protocol=2)
+    pickle.dump([key] if keys is None else keys, buf, protocol=2)
     data = np.asarray(values, dtype="<f4")
-    buf.write(struct.pack("<q", data.size))
+    buf.write(struct.pack("<q", data.size if count is None else count))
     buf.write(data.tobytes())
     return buf.getvalue()
 
@@ -197,6 +197,14 @@ def test_blob_declaring_more_elements_than_it_holds_is_refused_before_allocation
     # torch writes the storage key as a string; an int key in front of the count must not pass for the count.
     with pytest.raises(CheckpointError):
         load_storage_blob(hand_written_blob([1.0, 2.0, 3.0], declared=2 ** 40, key=0))
+    # The element count before the data, the key list and the length must all agree with the declaration: torch
+    # reads the data once per listed key, sized by that count.
+    for bad in (hand_written_blob([1.0, 2.0, 3.0], declared=3, count=2 ** 40),
+                hand_written_blob([1.0, 2.0, 3.0], declared=3, keys=["0", "0"]),
+                hand_written_blob([1.0, 2.0, 3.0], declared=3, keys=["1"]),
+                hand_written_blob([1.0, 2.0, 3.0], declared=3) + b"\0" * 4):
+        with pytest.raises(CheckpointError):
+            load_storage_blob(bad)
     assert loads == []
 
 
@@ -215,9 +223,10 @@ def test_blob_referenced_several_times_is_materialised_once(monkeypatch):
 
     blob = _legacy_blob(torch.arange(6, dtype=torch.float32))
     # Two storage calls on one bytes object: pickle writes the bytes once and refers back to them through its memo.
+    # Each tensor views its own half of the storage.
     tensors = {name: _Reduce(torch._utils._rebuild_tensor_v2,
-                             _Reduce(torch.storage._load_from_bytes, blob), 0, (2, 3), (3, 1), False, None)
-               for name in ("a", "b")}
+                             _Reduce(torch.storage._load_from_bytes, blob), offset, (3,), (1,), False, None)
+               for name, offset in (("a", 0), ("b", 3))}
     raw = pickle.dumps(tensors, protocol=4)
     assert len(edm_format.bytes_args(raw)) == 1
     assert sum(op.name == "REDUCE" for op, _, _ in pickletools.genops(raw)) == 4
@@ -226,9 +235,23 @@ def test_blob_referenced_several_times_is_materialised_once(monkeypatch):
     monkeypatch.setattr(edm_pickle, "load_storage_blob", lambda b, **kw: calls.append(len(b)) or real(b, **kw))
     out = read_edm_pickle(raw)
     assert calls == [len(blob)]
-    a, b = out["a"], out["b"]
-    assert torch.equal(a, torch.arange(6.0).reshape(2, 3)) and torch.equal(b, a)
-    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()  # one storage, shared
+    assert out["a"].tolist() == [0.0, 1.0, 2.0] and out["b"].tolist() == [3.0, 4.0, 5.0]
+    assert out["a"].untyped_storage().data_ptr() == out["b"].untyped_storage().data_ptr()  # one storage, shared
+
+
+@pytest.mark.parametrize("load_tensors", [True, False])
+def test_overlapping_views_of_one_blob_are_refused(load_tensors):
+    # 128 full views of one 16-element storage would make a network 128 times the size of the file's weights.
+    blob = _legacy_blob(torch.arange(16, dtype=torch.float32))
+    storage = _Reduce(torch.storage._load_from_bytes, blob)
+    views = {f"w{i}": _Reduce(torch._utils._rebuild_tensor_v2, storage, 0, (4, 4), (4, 1), False, None)
+             for i in range(128)}
+    with pytest.raises(CheckpointError, match="claim more elements"):
+        read_edm_pickle(pickle.dumps(views, protocol=4), load_tensors=load_tensors)
+    # A zero stride is the same trick in one tensor.
+    wide = {"w": _Reduce(torch._utils._rebuild_tensor_v2, storage, 0, (1 << 20, 16), (0, 1), False, None)}
+    with pytest.raises(CheckpointError, match="claim more elements"):
+        read_edm_pickle(pickle.dumps(wide, protocol=4), load_tensors=load_tensors)
 
 
 def test_positional_constructor_arguments_are_refused(nets):
@@ -288,6 +311,20 @@ def test_meta_device_and_cpu_builds_agree(edm_pkl, nets, monkeypatch, threshold)
     _assert_same_weights(loaded, nets["ddpmpp-cond"])
     inputs = net_inputs(loaded)
     torch.testing.assert_close(outputs(loaded, inputs), outputs(nets["ddpmpp-cond"], inputs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("class_name", ["EDMPrecond", "VPPrecond", "VEPrecond"])
+@pytest.mark.parametrize("threshold", [0, 10**12])
+def test_every_wrapper_is_checked_and_built_from_its_kwargs(tmp_path, monkeypatch, class_name, threshold):
+    # The kwargs check builds on the meta device, where VPPrecond's constructor still reads its sigma range.
+    monkeypatch.setattr(checkpoints, "META_BUILD_MIN_ELEMENTS", threshold)
+    torch.manual_seed(0)
+    net = build_network(class_name, CONFIGS["adm-cond"])
+    save_network(tmp_path / "net", net)
+    loaded = load_network(tmp_path / "net")
+    assert type(loaded) is type(net) and (loaded.sigma_min, loaded.sigma_max) == (net.sigma_min, net.sigma_max)
+    _assert_same_weights(loaded, net)
+    assert not any(t.is_meta for t in list(loaded.parameters()) + list(loaded.buffers()))
 
 
 def test_top_level_load_network_is_the_checkpoint_loader(edm_pkl, nets):
@@ -486,10 +523,10 @@ def test_corrupt_files_are_refused(edm_pkl, tmp_path):
 
 
 def test_tensor_past_its_storage_is_refused():
-    from sidlib.io.edm_pickle import _rebuild_tensor_v2
-
+    storage = _Reduce(torch.storage._load_from_bytes, _legacy_blob(torch.zeros(4)))
+    raw = pickle.dumps({"t": _Reduce(torch._utils._rebuild_tensor_v2, storage, 0, (3, 2), (2, 1), False, None)})
     with pytest.raises(CheckpointError, match="reaches past its storage"):
-        _rebuild_tensor_v2(torch.zeros(4), 0, (3, 2), (2, 1), False, None)
+        read_edm_pickle(raw)
 
 
 # ------------------------------------------------------------------------------ registry
@@ -644,3 +681,57 @@ def test_save_refuses_what_it_cannot_store(nets, tmp_path):
     with pytest.raises(CheckpointError, match="sidlib network"):
         save_network(tmp_path / "y", torch.nn.Linear(2, 2))
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ hardening
+
+
+def test_kwargs_are_checked_against_the_weights_before_anything_is_allocated(nets, tmp_path, monkeypatch):
+    save_network(tmp_path / "net", nets["ddpmpp-cond"])
+    doc = json.loads((tmp_path / "net.json").read_text())
+    doc["init_kwargs"]["model_channels"] = 2048  # would be an 11 GiB network on the CPU
+    (tmp_path / "net.json").write_text(json.dumps(doc))
+    devices = []
+    real = checkpoints.networks.build_network
+    monkeypatch.setattr(checkpoints.networks, "build_network",
+                        lambda *a, **k: devices.append(str(torch.empty(0).device)) or real(*a, **k))
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        load_network(tmp_path / "net")
+    assert devices == ["meta"]
+    doc["init_kwargs"]["model_channels"] = 16
+    doc["init_kwargs"]["num_blocks"] = 10 ** 6  # millions of modules, even on the meta device
+    (tmp_path / "net.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="far more modules"):
+        load_network(tmp_path / "net")
+
+
+def test_errors_from_the_record_tree_name_the_file(nets, tmp_path):
+    ema = edm_format.as_persistent(nets["ddpmpp-cond"])
+    ema.state["_init_args"] = (RES,)
+    path = tmp_path / "positional.pkl"
+    edm_format.write_edm_pickle(path, {"ema": ema})
+    with pytest.raises(CheckpointError, match=f"{path}.*positional"):
+        load_network(path)
+    ema = edm_format.as_persistent(nets["ddpmpp-cond"])
+    enc = ema.state["_modules"]["model"].state["_modules"]["enc"]._modules
+    enc["again"] = enc["8x8_conv"]  # one module twice in the tree: two names for the same tensors
+    edm_format.write_edm_pickle(path, {"ema": ema})
+    with pytest.raises(CheckpointError, match=f"{path}.*twice"):
+        load_network(path)
+
+
+def test_identical_weights_give_identical_files(tmp_path):
+    """Two processes (different hash seeds) save the same network: the bytes, and so the recorded hashes, agree,
+    and the files are 0644 under umask 022."""
+    code = ("import os, sys; os.umask(0o022); sys.path.insert(0, sys.argv[2]); from hostile import tiny_net; "
+            "from sidlib.io.checkpoints import save_network; "
+            "save_network(sys.argv[1], tiny_net('ddpmpp'), {'alpha': 1.2, 'provenance': {'b': 1, 'a': [2, 3]}})")
+    for seed in ("1", "2", "3"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / seed / "net"), str(Path(__file__).parent)],
+                       check=True, env={**os.environ, "PYTHONHASHSEED": seed}, timeout=300)
+    for name in ("net.safetensors", "net.json"):
+        a, b, c = (tmp_path / seed / name for seed in ("1", "2", "3"))
+        assert a.read_bytes() == b.read_bytes() == c.read_bytes(), name
+        assert a.stat().st_mode & 0o777 == 0o644, name
+    assert json.loads((tmp_path / "1" / "net.json").read_text())["weights_sha256"] == dl.file_sha256(
+        tmp_path / "2" / "net.safetensors")

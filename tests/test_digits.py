@@ -185,7 +185,7 @@ def test_grid_order_puts_class_c_in_row_c():
 def test_tile_separates_tiles_with_background_gaps():
     n, cols, gap, h, w = 13, 5, 2, 8, 8
     imgs = np.stack([np.full((1, h, w), 100 + i, dtype=np.uint8) for i in range(n)])
-    m = tile(imgs, cols=cols, gap=gap)
+    m = tile(imgs, cols=cols, gap=gap, gap_value=7)
     rows = math.ceil(n / cols)
     assert m.dtype == np.uint8 and m.shape == (rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap)
     for i in range(n):
@@ -197,9 +197,9 @@ def test_tile_separates_tiles_with_background_gaps():
     for i in range(n):
         r, c = divmod(i, cols)
         covered[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = True
-    assert (m[~covered] == 0).all() and (~covered).sum() == m.size - n * h * w
+    assert (m[~covered] == 7).all() and (~covered).sum() == m.size - n * h * w
     # [N, H, W] input gives the same mosaic; a gap of 0 packs the tiles.
-    assert np.array_equal(tile(imgs[:, 0], cols=cols, gap=gap), m)
+    assert np.array_equal(tile(imgs[:, 0], cols=cols, gap=gap, gap_value=7), m)
     assert tile(imgs[:10], cols=5, gap=0).shape == (16, 40)
 
 

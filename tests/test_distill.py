@@ -73,6 +73,15 @@ def assert_weights(a_dir, b_dir, exact=False, rtol=1e-4, atol=1e-6):
             torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
 
 
+def assert_weights_within_noise(a_dir, b_dir):
+    """Equal up to Adam-amplified rounding noise: a handful of elements whose gradient is of the order of eps may
+    move by a fraction of a step (g / (|g| + eps) turns their rounding noise into O(lr)); a wrong term moves most."""
+    _, a = state_tensors(a_dir)
+    _, b = state_tensors(b_dir)
+    err = torch.cat([(a[k] - b[k]).abs().flatten() for k in a]) / EQ_LR
+    assert float((err > EQ_ATOL / EQ_LR).double().mean()) < 1e-4 and float(err.max()) < 1.0, float(err.max())
+
+
 # ------------------------------------------------------------------------------------------------
 # In-process run.
 
@@ -118,7 +127,7 @@ def test_micro_batches_do_not_change_the_result(teacher_path, tmp_path):
     # With dropout off, gradient accumulation over micro-batches is the same math as one big batch.
     a = distill(base_cfg(teacher_path, iterations=3, batch_gpu=1, **EQ), run_dir=tmp_path / 'a')
     b = distill(base_cfg(teacher_path, iterations=3, batch_gpu=4, **EQ), run_dir=tmp_path / 'b')
-    assert_weights(a, b, rtol=0, atol=EQ_ATOL)
+    assert_weights_within_noise(a, b)
 
 
 def test_edm_pickle_teacher_is_accepted(tmp_path):
@@ -187,6 +196,103 @@ def test_analytic_teacher_and_nan_samples_are_counted_and_dropped(tmp_path):
     assert all(torch.isfinite(v).all() for v in tensors.values())
     # The student was built from the student kwargs, not copied from the teacher.
     assert st['teacher']['kind'] == 'in-process'
+
+
+class GaussTeacher(torch.nn.Module):
+    """Exact denoiser of 2-D data N(0, 0.25 I); ``value`` replaces its output when given (e.g. NaN everywhere)."""
+
+    img_resolution, img_channels, label_dim = 1, 2, 0
+    init_kwargs = {'kind': 'gauss-teacher'}
+    value = None
+
+    def forward(self, x, sigma, class_labels=None, **kw):
+        s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1)
+        out = 0.25 / (0.25 + s ** 2) * x
+        return out if self.value is None else torch.full_like(out, self.value)
+
+
+class AllNaNTeacher(GaussTeacher):
+    value = float('nan')
+
+
+MLP_STUDENT = dict(img_resolution=1, img_channels=2, model_type='MLPNet', model_channels=16, num_layers=2)
+
+
+def mlp_cfg(teacher, **kw):
+    return {**dict(teacher=teacher, student=MLP_STUDENT, batch=16, iterations=3, lr=1e-3, glr=1e-3, tick_kimg=0.016,
+                   state_ticks=1, snap_ticks=0, grid_size=0, progress=False, num_threads=1), **kw}
+
+
+def test_a_run_whose_samples_are_all_dropped_stops_with_a_clear_error(tmp_path):
+    register_teacher('test-all-nan-teacher', AllNaNTeacher)
+    from sidlib.distill.loop import TrainingFault
+    with pytest.raises(TrainingFault, match='3 consecutive iterations'):
+        distill(mlp_cfg('test-all-nan-teacher', iterations=10, max_bad_iterations=3), run_dir=tmp_path / 'run')
+    log = read_jsonl(tmp_path / 'run' / 'log.jsonl')
+    assert log[-1]['fault'] and log[-1]['iteration'] == 3 and log[-1]['loss_G'] is None   # no fake 0.0 loss
+    # 0 = never stop: the run ends, and the log says every generator sample was dropped.
+    distill(mlp_cfg('test-all-nan-teacher', max_bad_iterations=0), run_dir=tmp_path / 'on')
+    log = read_jsonl(tmp_path / 'on' / 'log.jsonl')
+    assert log[-1]['totals']['bad_iterations'] == 3 and all(r['loss_G'] is None for r in log)
+
+
+def test_a_teacher_with_nan_weights_is_refused_before_anything_is_written(tmp_path):
+    torch.manual_seed(0)
+    net = EDMPrecond(**TEACHER_KWARGS)
+    with torch.no_grad():
+        next(net.parameters()).fill_(float('nan'))
+    teacher = save_network(tmp_path / 'nan-teacher', net)
+    with pytest.raises(ConfigError, match='teacher: .* NaN or infinite'):
+        distill(base_cfg(str(teacher), iterations=1), run_dir=tmp_path / 'run')
+    assert not (tmp_path / 'run').exists()
+
+
+def test_nan_produced_inside_G_costs_only_its_rows(tmp_path, monkeypatch):
+    """G yields NaN (inside its graph) for the latents with z[0] > 1: the generator step regenerates the other rows,
+    so G's gradient never holds a non-finite element (without that, 0 * NaN reaches every weight of G)."""
+    import sidlib.distill.loop as loop
+    real = loop.generate_onestep
+
+    def nan_inside(G, z, sigma, labels=None):
+        return real(G, z + torch.where(z[:, :1] > 1, float('nan'), 0.0), sigma, labels)
+    monkeypatch.setattr(loop, 'generate_onestep', nan_inside)
+    register_teacher('test-gauss-teacher', GaussTeacher)
+    run = distill(mlp_cfg('test-gauss-teacher', batch=32), run_dir=tmp_path / 'run')
+    log = read_jsonl(run / 'log.jsonl')
+    assert log[-1]['totals']['nan_samples_G'] > 0 and log[-1]['totals']['nan_samples_fake'] > 0
+    assert log[-1]['totals']['nonfinite_grads_G'] == 0 and log[-1]['totals']['nonfinite_grads_fake'] == 0
+    assert all(torch.isfinite(v).all() for v in state_tensors(run)[1].values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Snapshot cadence and retention.
+
+def test_extra_snap_ticks_give_siDs_evaluation_schedule(tmp_path):
+    """SiD's loop evaluates at tick 0, 10, ..., 100 and every 50 ticks; scaled down: every 3 ticks plus ticks 0 and
+    1 (and the end). One iteration per tick, 1 kimg each, so snapshot k is network-snapshot-(k + 1)."""
+    register_teacher('test-gauss-teacher', GaussTeacher)
+    ticks = []
+    run = distill(mlp_cfg('test-gauss-teacher', batch=1000, tick_kimg=1, iterations=8, snap_ticks=3,
+                          extra_snap_ticks=[0, 1]), run_dir=tmp_path / 'run', eval_fn=lambda G, kimg: ticks.append(kimg))
+    expected_ticks = [0, 1, 3, 6, 7]
+    assert [r['tick'] for r in read_jsonl(run / 'log.jsonl') if 'metrics' in r] == expected_ticks
+    assert sorted(p.name for p in run.glob('network-snapshot-*.json')) == \
+        [f'network-snapshot-{t + 1:06d}.json' for t in expected_ticks]
+
+
+def test_snapshot_retention_keeps_every_nth_the_newest_and_the_best(tmp_path):
+    register_teacher('test-gauss-teacher', GaussTeacher)
+    cfg = mlp_cfg('test-gauss-teacher', batch=1000, tick_kimg=1, iterations=7, snap_ticks=1, snapshot_keep_every=2,
+                  snapshot_keep_best='dist', snapshot_best_mode='min')
+    run = distill(cfg, run_dir=tmp_path / 'run', eval_fn=lambda G, kimg: {'dist': abs(kimg - 4)})
+    # Snapshots at kimg 1..7 (indices 0..6): every 2nd (kimg 1, 3, 5, 7), the newest (7), the best (kimg 4).
+    kept = sorted(int(p.name[17:23]) for p in run.glob('network-snapshot-*.json'))
+    assert kept == [1, 3, 4, 5, 7]
+    assert sorted(int(p.name[17:23]) for p in run.glob('network-snapshot-*.safetensors')) == kept
+    deleted = [n for r in read_jsonl(run / 'log.jsonl') for n in r.get('snapshots_deleted', [])]
+    assert sorted(deleted) == ['network-snapshot-000002', 'network-snapshot-000006']
+    assert not list((run / '.deleting').iterdir())
+    load_checkpoint(run / 'network-snapshot-000004.safetensors')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,7 +412,7 @@ def test_mixed_precision_modes_run(teacher_path, tmp_path, precision):
     forward = EDMPrecond.forward
 
     def spy(self, *a, **kw):
-        seen.append((id(self), self.precision, self.autocast_dtype('cpu')))
+        seen.append((id(self), self.precision, self.compute_dtype('cpu')))
         return forward(self, *a, **kw)
 
     EDMPrecond.forward = spy
@@ -321,31 +427,68 @@ def test_mixed_precision_modes_run(teacher_path, tmp_path, precision):
     assert {(p, d) for _, p, d in seen} == {(precision, dtype)}
     st, tensors = state_tensors(run)
     assert all(torch.isfinite(v).all() for v in tensors.values())
-    if precision == 'fp16':
-        # One GradScaler per optimiser, saved with the state; eps defaults to 1e-6.
-        assert st['scaler_G'] and st['scaler_fake'] and st['scaler_G']['scale'] > 0
-        assert st['opt_G']['param_groups'][0]['eps'] == 1e-6
-    else:
-        assert st['scaler_G'] == {} and st['opt_G']['param_groups'][0]['eps'] == 1e-8
+    # Static loss scales (SiD): no GradScaler state; Adam's eps is SiD's 1e-6 under fp16.
+    assert st['scaler_G'] == {} and st['scaler_fake'] == {}
+    assert st['opt_G']['param_groups'][0]['eps'] == (1e-6 if precision == 'fp16' else 1e-8)
+    assert all(r['skipped_steps_G'] == r['skipped_steps_fake'] == 0 for r in read_jsonl(run / 'log.jsonl'))
 
 
-def test_grad_scaler_skips_steps_on_overflow_and_counts_bad_gradients():
-    from sidlib.distill.loop import _optimizer_step
+def _first_step_grads(teacher_path, tmp_path, name, **kw):
+    """The gradients the first fake-score Adam step receives (a global optimizer step pre-hook)."""
+    grads = []
+
+    def hook(opt, args, kwargs):
+        if not grads:
+            grads.append([p.grad.clone() for g in opt.param_groups for p in g['params'] if p.grad is not None])
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        distill(base_cfg(teacher_path, iterations=1, **EQ, **kw), run_dir=tmp_path / name)
+    finally:
+        handle.remove()
+    return grads[0]
+
+
+def test_loss_scales_are_static_and_reach_adam_unscaled(teacher_path, tmp_path):
+    """As SiD: the loss times ls reaches Adam as it is (Adam is scale-invariant up to eps), no dynamic scaler. A power
+    of two scales every fp32 gradient exactly; under fp16 the activation gradients round differently (subnormals),
+    so there the gradients only point the same way."""
+    for precision in ('fp32', 'fp16'):
+        one = _first_step_grads(teacher_path, tmp_path, f'{precision}-1', precision=precision, ls=1.0)
+        eight = _first_step_grads(teacher_path, tmp_path, f'{precision}-8', precision=precision, ls=8.0)
+        assert len(one) == len(eight) and any(g.abs().max() > 0 for g in one)
+        if precision == 'fp32':
+            assert all(torch.equal(b, 8 * a) for a, b in zip(one, eight))
+        else:
+            a, b = torch.cat([g.flatten() for g in one]), torch.cat([g.flatten() for g in eight])
+            assert float(torch.nn.functional.cosine_similarity(8 * a, b, dim=0)) > 0.999
+            assert abs(float(b.norm() / a.norm()) / 8 - 1) < 0.01
+
+
+def test_nonfinite_gradients_are_replaced_and_counted_and_the_step_taken():
+    from sidlib.distill.setup import clean_grads as _clean_grads
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.tensor([float('nan'), float('inf'), 2.0])
+    assert int(_clean_grads([w])) == 2
+    assert w.grad.tolist() == [0.0, 1e5, 2.0]   # SiD's replacement
+
+
+def test_dynamic_loss_scaler_skips_a_step_and_counts_it_apart(teacher_path, tmp_path):
+    """loss_scaler='dynamic' (torch's GradScaler): an overflowing first step is skipped, counted as a skipped step
+    besides the non-finite gradient elements."""
+    from sidlib.distill.setup import clean_grads as _clean_grads
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.Adam([w], lr=0.1)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10)
-    (scaler.scale(w * torch.tensor([1.0, float('inf'), 1.0])).sum()).backward()
-    bad = _optimizer_step(opt, scaler, [w])
-    assert int(bad) == 1
-    assert torch.equal(w.detach(), torch.ones(3))  # step skipped
-    assert scaler.get_scale() == 2.0 ** 9  # scale backed off
-    # Without a scaler (fp32/bf16) bad gradient elements are counted and replaced, and the step is taken.
-    w.grad = torch.tensor([float('nan'), float('inf'), 2.0])
-    opt = torch.optim.SGD([w], lr=1.0)
-    disabled = torch.amp.GradScaler('cpu', enabled=False)
-    assert int(_optimizer_step(opt, disabled, [w])) == 2
-    assert w.grad.tolist() == [0.0, 1e5, 2.0]
-    assert w.detach().tolist() == [1.0, 1.0 - 1e5, -1.0]
+    scaler.scale(w * torch.tensor([1.0, float('inf'), 1.0])).sum().backward()
+    assert int(_clean_grads([w], scaler, opt)) == 1
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(w.detach(), torch.ones(3)) and scaler.get_scale() == 2.0 ** 9
+    run = distill(base_cfg(teacher_path, iterations=2, loss_scaler='dynamic'), run_dir=tmp_path / 'run')
+    log = read_jsonl(run / 'log.jsonl')
+    assert all('skipped_steps_G' in r and r['skipped_steps_G'] <= r['nonfinite_grads_G'] for r in log)
+    assert load_training_state(run / 'training-state.pt')['scaler_G']['scale'] > 0
 
 
 @pytest.fixture(scope='module')
@@ -353,10 +496,10 @@ def eq_baseline(teacher_path, tmp_path_factory):
     return distill(base_cfg(teacher_path, iterations=2, **EQ), run_dir=tmp_path_factory.mktemp('eq') / 'base')
 
 
-@pytest.mark.parametrize('flag', [{'channels_last': True}, {'attention': 'sdpa'}, {'fused_adam': True}])
+@pytest.mark.parametrize('flag', [{'channels_last': True}, {'attention': 'math'}, {'fused_adam': True}])
 def test_performance_flags_do_not_change_results(teacher_path, eq_baseline, tmp_path, flag):
     run = distill(base_cfg(teacher_path, iterations=2, **EQ, **flag), run_dir=tmp_path / 'flag')
-    assert_weights(eq_baseline, run, rtol=0, atol=EQ_ATOL)
+    assert_weights_within_noise(eq_baseline, run)
 
 
 @pytest.mark.skipif(os.environ.get('SIDLIB_TEST_COMPILE') != '1',

@@ -6,7 +6,12 @@ import functools
 import hashlib
 import http.server
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,6 +27,11 @@ def _sha(data: bytes) -> str:
 
 def _leftovers(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.endswith(TEMP_SUFFIX)]
+
+
+def _files(root: Path) -> list[Path]:
+    """Files of the cache other than the entries' lock files."""
+    return [p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
 
 
 @pytest.fixture
@@ -66,7 +76,7 @@ def test_expected_checksum_match_and_mismatch(payload, cache):
     with pytest.raises(dl.ChecksumError, match="sha256 mismatch"):
         dl.download(src.as_uri(), sha256=_sha(b"something else"), cache_dir=cache, progress=False)
     # Refused content leaves neither a file, a record nor a temporary file behind.
-    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    assert _files(cache) == []
     path = dl.download(src.as_uri(), sha256=_sha(data), cache_dir=cache, progress=False)
     assert path.read_bytes() == data
 
@@ -157,7 +167,7 @@ def test_interrupted_stream_leaves_nothing(payload, cache, monkeypatch):
     monkeypatch.setattr(dl.urllib.request, "urlopen", lambda *a, **k: Broken(real_open(*a, **k)))
     with pytest.raises(dl.DownloadError, match="connection dropped"):
         dl.download(src.as_uri(), cache_dir=cache, progress=False)
-    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    assert _files(cache) == []
 
 
 # ---------------------------------------------------------------------------------- http server
@@ -168,6 +178,22 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
     def do_GET(self):
+        self.server.hits[self.path] = self.server.hits.get(self.path, 0) + 1
+        if self.path in ("/http10-cut.bin", "/http10-full.bin", "/slow.bin"):
+            data = (self.server.root / "data.bin").read_bytes()
+            self.send_response(200)
+            if self.path == "/slow.bin":
+                self.send_header("Content-Length", str(len(data)))
+            self.end_headers()  # HTTP/1.0 without a length: the end of the data is the closing connection
+            cut = len(data) // 2 if self.path == "/http10-cut.bin" else len(data)
+            step = 1 << 16
+            for i in range(0, cut, step):
+                self.wfile.write(data[i:min(i + step, cut)])
+                self.wfile.flush()
+                if self.path == "/slow.bin":
+                    time.sleep(0.04)
+            self.close_connection = True
+            return
         if self.path == "/short.bin":
             # Announces more bytes than it sends, then closes: a truncated transfer.
             self.send_response(200)
@@ -177,7 +203,6 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return
-        self.server.hits[self.path] = self.server.hits.get(self.path, 0) + 1
         super().do_GET()
 
 
@@ -186,7 +211,7 @@ def server(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
-    httpd.hits = {}
+    httpd.hits, httpd.root = {}, root
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
@@ -220,7 +245,7 @@ def test_http_errors_leave_no_entry(server, cache):
         dl.download(f"{base}/absent.pkl", cache_dir=cache, progress=False)
     with pytest.raises(dl.DownloadError):
         dl.download(f"{base}/short.bin", cache_dir=cache, progress=False)
-    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    assert _files(cache) == []
 
 
 # ---------------------------------------------------------------------------------- atomic writes
@@ -237,8 +262,6 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path):
     assert not _leftovers(tmp_path)
     atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"new"
-    # Finished files get ordinary permissions, not the 0600 of temporary files.
-    assert target.stat().st_mode & 0o777 == atomic._FILE_MODE
 
 
 def test_atomic_copy_places_a_complete_copy_and_replaces_the_old_one(tmp_path):
@@ -256,3 +279,112 @@ def test_atomic_copy_places_a_complete_copy_and_replaces_the_old_one(tmp_path):
     with pytest.raises(FileNotFoundError):
         atomic_copy(tmp_path / "missing.npz", tmp_path / "out" / "x.npz")
     assert not (tmp_path / "out" / "x.npz").exists() and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_finished_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        assert atomic.file_mode() == mode and os.umask(umask) == umask  # reading the umask leaves it as it was
+        atomic_write_bytes(tmp_path / "a.bin", b"a")
+        with atomic.atomic_path(tmp_path / "b.bin") as tmp:  # a writer that replaces the file it was given
+            (tmp_path / "other").write_bytes(b"b")
+            os.chmod(tmp_path / "other", 0o600)
+            os.replace(tmp_path / "other", tmp)
+    finally:
+        os.umask(old)
+    for name in ("a.bin", "b.bin"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+# ---------------------------------------------------------------------------------- truncation, leftovers, locks
+
+
+def test_truncated_transfer_without_length_is_never_recorded(server, cache):
+    root, base, httpd = server
+    data = os.urandom(300_000)
+    (root / "data.bin").write_bytes(data)
+    url = f"{base}/http10-cut.bin"
+    # HTTP/1.0 without Content-Length that closes after half the data: indistinguishable from a complete transfer.
+    with pytest.warns(RuntimeWarning, match="without a length"):
+        path = dl.download(url, cache_dir=cache, progress=False)
+    assert path.read_bytes() == data[:150_000]
+    assert dl._read_record(path) is None  # not recorded as complete ...
+    with pytest.warns(RuntimeWarning):
+        dl.download(url, cache_dir=cache, progress=False)
+    assert httpd.hits["/http10-cut.bin"] == 2  # ... so it is fetched again rather than reused
+    # With a pin the truncation is detected: nothing is cached.
+    with pytest.raises(dl.ChecksumError):
+        dl.download(url, sha256=_sha(data), cache_dir=cache, progress=False)
+    assert not path.exists() and _files(cache) == [] and not _leftovers(cache)
+    # A complete length-less transfer with a pin is verified, recorded and reused.
+    full = f"{base}/http10-full.bin"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = dl.download(full, sha256=_sha(data), cache_dir=cache, progress=False)
+        assert dl.download(full, cache_dir=cache, progress=False) == path
+    assert path.read_bytes() == data and dl._read_record(path) == _sha(data)
+    assert httpd.hits["/http10-full.bin"] == 1
+
+
+def test_leftover_partial_files_are_removed(payload, cache):
+    src, data = payload
+    path = dl.cache_path_for(src.as_uri(), cache)
+    path.parent.mkdir(parents=True)
+    stale = [path.parent / f".{path.name}.x1{TEMP_SUFFIX}", path.parent / f".{path.name}.sha256.x2{TEMP_SUFFIX}"]
+    for p in stale:
+        p.write_bytes(b"left by a killed download")
+    assert dl.download(src.as_uri(), cache_dir=cache, progress=False).read_bytes() == data
+    assert not _leftovers(cache)
+
+
+def _download_in_subprocess(url: str, cache: Path) -> subprocess.Popen:
+    code = ("import sys; from sidlib.io import download as dl; "
+            "print(dl.download(sys.argv[1], cache_dir=sys.argv[2], progress=False))")
+    return subprocess.Popen([sys.executable, "-c", code, url, str(cache)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_download_leaves_nothing_for_the_next_one(server, cache):
+    root, base, httpd = server
+    data = os.urandom(2_000_000)  # sent in 64 KiB pieces, 40 ms apart
+    (root / "data.bin").write_bytes(data)
+    url = f"{base}/slow.bin"
+    proc = _download_in_subprocess(url, cache)
+    deadline = time.monotonic() + 60
+    while not _leftovers(cache) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert _leftovers(cache), "the download never started"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _leftovers(cache)  # what a killed attempt leaves behind ...
+    path = dl.download(url, cache_dir=cache, progress=False)
+    assert path.read_bytes() == data and dl._read_record(path) == _sha(data)
+    assert not _leftovers(cache)  # ... is gone after the next download
+
+
+def test_concurrent_downloads_of_one_url(server, cache):
+    root, base, httpd = server
+    data = os.urandom(1_500_000)
+    (root / "data.bin").write_bytes(data)
+    url = f"{base}/slow.bin"
+    procs = [_download_in_subprocess(url, cache) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    paths = {out.strip() for out, _ in outs}
+    assert len(paths) == 1 and Path(paths.pop()).read_bytes() == data
+    assert httpd.hits["/slow.bin"] == 1  # the second waited for the first and reused its entry
+    assert len(_files(cache)) == 2 and not _leftovers(cache)  # the file and its record
+
+
+def test_cache_directory_problems_name_the_path(payload, tmp_path):
+    src, _ = payload
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"")
+    with pytest.raises(dl.DownloadError, match=str(blocker)):
+        dl.download(src.as_uri(), cache_dir=blocker, progress=False)
+    cache = tmp_path / "cache"
+    path = dl.cache_path_for(src.as_uri(), cache)
+    path.mkdir(parents=True)  # a folder where the entry's file should be
+    with pytest.raises(dl.DownloadError, match=str(path)):
+        dl.download(src.as_uri(), cache_dir=cache, progress=False)

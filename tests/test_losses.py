@@ -123,18 +123,20 @@ def test_finite_sample_mask_flags_rows_with_nan_or_inf():
     assert finite_sample_mask(a, None, b).tolist() == [True, False, True, False]
 
 
-class NaNOnSamples(torch.nn.Module):
-    """Wraps a denoiser and poisons the outputs of the given sample rows with NaN."""
+class NaNInside(torch.nn.Module):
+    """Wraps a denoiser that produces NaN *inside* its computation (NaN fed into its layers, so NaN sits in the
+    autograd graph) for the samples whose input equals one of those it saw at the given rows of its first call."""
 
     def __init__(self, net, rows):
         super().__init__()
-        self.net, self.rows = net, rows
+        self.net, self.rows, self.marked = net, rows, None
 
     def forward(self, x, sigma, class_labels=None, **kw):
-        out = self.net(x, sigma, class_labels, **kw)
-        poison = torch.zeros(x.shape[0], 1, 1, 1)
-        poison[self.rows] = float('nan')
-        return out + poison
+        if self.marked is None:
+            self.marked = x.detach()[self.rows].clone()
+        hit = (x.detach()[:, None] == self.marked[None]).flatten(2).all(2).any(1)
+        poison = torch.where(hit, float('nan'), 0.0).reshape(-1, 1, 1, 1)
+        return self.net(x + poison, sigma, class_labels, **kw)
 
 
 class Recorder(torch.nn.Module):
@@ -212,42 +214,63 @@ def test_fake_score_loss_is_edm_loss_on_the_same_draws(augment):
     torch.testing.assert_close(loss, want.detach(), rtol=1e-6, atol=1e-6)
 
 
-def test_nan_samples_are_dropped_from_the_generator_loss():
+def _param_grads(module, loss):
+    module.zero_grad(set_to_none=True)
+    loss.sum().backward()
+    return [p.grad.clone() for p in module.parameters()]
+
+
+def test_nan_inside_the_teacher_costs_only_its_own_rows_of_the_generator_loss():
+    """SiD drops such rows after the networks ran: the NaN in the teacher's graph meets the dropped rows' zero
+    gradient (0 * NaN) on the way back and poisons all of G's gradient. sidlib's result equals the clean subset's."""
     G, teacher, fake = TinyDenoiser(seed=1), TinyDenoiser(seed=2), TinyDenoiser(seed=3)
     for net in (teacher, fake):
         net.requires_grad_(False)
     z = _rand([6, 3, 4, 4], 10)
     sid = SiDLoss(alpha=1.2, tmax=800)
-    loss, keep = sid.generator_loss(NaNOnSamples(teacher, [1, 4]), fake, generate_onestep(G, z, 2.5),
+    loss, keep = sid.generator_loss(NaNInside(teacher, [1, 4]), fake, generate_onestep(G, z, 2.5),
                                     generator=gens(range(6)))
     assert keep.tolist() == [True, False, True, True, False, True]
-    assert loss.shape[0] == 4 and torch.isfinite(loss).all()
-    # The kept rows equal the loss computed on the clean samples alone (with the same samples' generators).
     kept = [i for i in range(6) if keep[i]]
     clean, clean_keep = sid.generator_loss(teacher, fake, generate_onestep(G, z[keep], 2.5), generator=gens(kept))
-    assert clean_keep.all()
+    assert clean_keep.all() and torch.isfinite(loss).all()
     torch.testing.assert_close(loss, clean)
-    # Dropped samples contribute no gradient: G's gradient equals that of the clean subset.
-    G.zero_grad()
-    loss.sum().backward()
-    with_nan = [p.grad.clone() for p in G.parameters()]
-    G.zero_grad()
-    clean.sum().backward()
-    for a, b in zip(with_nan, (p.grad for p in G.parameters())):
+    for a, b in zip(_param_grads(G, loss), _param_grads(G, clean)):
+        assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b)
 
 
-def test_nan_samples_are_dropped_from_the_fake_score_loss():
+def test_a_nan_generated_sample_costs_only_its_own_row_of_the_generator_loss():
+    G, teacher, fake = TinyDenoiser(seed=1), TinyDenoiser(seed=2), TinyDenoiser(seed=3)
+    z = _rand([5, 3, 4, 4], 11)
+    sid = SiDLoss(alpha=1.2, tmax=800)
+    x_g = generate_onestep(G, z, 2.5)
+    x_bad = torch.cat([x_g[:2], torch.full_like(x_g[2:3], float('nan')), x_g[3:]])
+    loss, keep = sid.generator_loss(teacher, fake, x_bad, generator=gens(range(5)))
+    assert keep.tolist() == [True, True, False, True, True]
+    kept = [0, 1, 3, 4]
+    clean, _ = sid.generator_loss(teacher, fake, generate_onestep(G, z[kept], 2.5), generator=gens(kept))
+    torch.testing.assert_close(loss, clean)
+    for a, b in zip(_param_grads(G, loss), _param_grads(G, clean)):
+        torch.testing.assert_close(a, b)
+
+
+def test_nan_samples_cost_only_their_own_rows_of_the_fake_score_gradient():
+    """A non-finite generated image (row 2) and a NaN produced inside the fake score (row 0): the loss and the fake
+    score's parameter gradients equal those of the clean rows alone (SiD's loop zeroes nearly all of them)."""
     fake = TinyDenoiser(seed=5)
     x_g = _rand([5, 3, 4, 4], 23)
-    x_g[2, 1, 0, 0] = float('inf')   # a generated image that blew up
+    x_g[2, 1, 0, 0] = float('inf')
     sid = SiDLoss()
-    loss, keep = sid.fake_score_loss(NaNOnSamples(fake, [0]), x_g, generator=gens(range(5), phase=0))
+    loss, keep = sid.fake_score_loss(NaNInside(fake, [0]), x_g, generator=gens(range(5), phase=0))
     assert keep.tolist() == [False, True, False, True, True]
     kept = [1, 3, 4]
     clean, _ = sid.fake_score_loss(fake, x_g[kept], generator=gens(kept, phase=0))
     assert torch.isfinite(loss).all()
     torch.testing.assert_close(loss, clean)
+    for a, b in zip(_param_grads(fake, loss), _param_grads(fake, clean)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,14 +378,65 @@ def test_augment_xflip_flips_exactly_the_labelled_samples():
     assert torch.equal(out[~flipped], x[~flipped])
 
 
-def test_augment_warp_by_quarter_turn_is_rot90():
-    x = _rand([1, 2, 6, 6], 19)
-    ang = torch.tensor([math.pi / 2])
-    c, s = ang.cos(), ang.sin()
-    G_inv = torch.tensor([[[c.item(), s.item(), 0.0], [-s.item(), c.item(), 0.0], [0.0, 0.0, 1.0]]])
-    out = AugmentPipe._warp(x, G_inv, torch.tensor([True]))
-    matches = [torch.allclose(out, torch.rot90(x, k, dims=(2, 3)), atol=1e-5) for k in (1, -1)]
-    assert any(matches)
+def _blob(cx, cy, sigma, res=32):
+    c = torch.arange(res, dtype=torch.float32) + 0.5 - res / 2   # centred pixel coordinates, x right, y down
+    yy, xx = torch.meshgrid(c, c, indexing='ij')
+    return torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma ** 2))[None, None], xx, yy
+
+
+def _moments(img, xx, yy):
+    w = img[0, 0].clamp(min=0)
+    w = w / w.sum()
+    mx, my = (w * xx).sum(), (w * yy).sum()
+    cov = torch.tensor([[(w * (xx - mx) ** 2).sum(), (w * (xx - mx) * (yy - my)).sum()],
+                        [(w * (xx - mx) * (yy - my)).sum(), (w * (yy - my) ** 2).sum()]])
+    return float(mx), float(my), cov
+
+
+def _only(pipe_kwargs, u_set, g_set, x):
+    """Run one transform with fixed draws (11 uniforms, 4 normals per sample; unset uniforms 0.99 = not applied)."""
+    u, g = torch.full([1, 11], 0.99), torch.zeros(1, 4)
+    for i, v in u_set.items():
+        u[0, i] = v
+    for i, v in g_set.items():
+        g[0, i] = v
+    import sidlib.augment as aug_mod
+    real = aug_mod.rand, aug_mod.randn
+    aug_mod.rand, aug_mod.randn = (lambda *a, **k: u.clone()), (lambda *a, **k: g.clone())
+    try:
+        return AugmentPipe(p=1, **pipe_kwargs)(x)
+    finally:
+        aug_mod.rand, aug_mod.randn = real
+
+
+def test_augment_rotation_turns_content_as_edm_does():
+    """EDM's training/augment.py: G_inv = G_inv @ rotate2d_inv(-w) = rotate2d(w), rotate2d(w) = [[cos w, -sin w],
+    [sin w, cos w]] in centred pixel coordinates (x right, y down), and output pixel p shows input position
+    G_inv p. A dot at d therefore lands at p = rotate2d(-w) d = [[cos w, sin w], [-sin w, cos w]] d: for
+    w = pi/2 and d = (6, 0), at p = (0, -6), above the centre (counter-clockwise on screen)."""
+    x, xx, yy = _blob(6.0, 0.0, 1.5)
+    out, lab = _only(dict(rotate_frac=1), {5: 0.75, 6: 0.0}, {}, x)   # w = (0.75 * 2 - 1) pi = pi / 2
+    torch.testing.assert_close(lab[0], torch.tensor([-1.0, 1.0]), atol=1e-6, rtol=0)   # cos w - 1, sin w
+    mx, my, _ = _moments(out, xx, yy)
+    assert abs(mx - 0.0) < 0.1 and abs(my + 6.0) < 0.1, (mx, my)
+
+
+def test_augment_anisotropic_scaling_stretches_along_edms_axis():
+    """EDM: G_inv = G_inv @ rotate2d_inv(r) @ scale2d_inv(s, 1/s) @ rotate2d_inv(-r) = rot(-r) diag(1/s, s) rot(r),
+    so content moves by A = rot(-r) diag(s, 1/s) rot(r): a round blob of variance v gets covariance
+    v rot(-r) diag(s^2, 1/s^2) rot(r), stretched by s along rot(-r) e_x = (cos r, -sin r). Here r = pi/4 and
+    s = 2^(2.5 * 0.2) = sqrt(2): variance 2v along (1, -1)/sqrt(2) (up-right on screen), v/2 across it."""
+    v = 2.0 ** 2
+    x, xx, yy = _blob(0.0, 0.0, math.sqrt(v))
+    # u7 = 0.625: r = (0.625 * 2 - 1) pi = pi / 4; u8 = 0: applied; u9 = 0 < 0.5: rotated axis; w = 2.5.
+    out, lab = _only(dict(aniso=1), {7: 0.625, 8: 0.0, 9: 0.0}, {1: 2.5}, x)
+    torch.testing.assert_close(lab[0], torch.tensor([2.5 * math.cos(math.pi / 4), 2.5 * math.sin(math.pi / 4)]))
+    _, _, cov = _moments(out, xx, yy)
+    evals, evecs = torch.linalg.eigh(cov)
+    major = evecs[:, 1] * torch.sign(evecs[0, 1])
+    torch.testing.assert_close(major, torch.tensor([1.0, -1.0]) / math.sqrt(2), atol=0.02, rtol=0)
+    # The resampling filters blur by a fraction of a pixel; the blob itself is 2 px wide.
+    assert abs(float(evals[1]) / (2 * v) - 1) < 0.1 and abs(float(evals[0]) / (v / 2) - 1) < 0.15, evals
 
 
 def test_augment_all_on_gives_finite_labels_that_match_applied_transforms():

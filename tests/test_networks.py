@@ -684,13 +684,13 @@ def test_sdpa_backend_equals_math(key):
 
 
 def test_default_attention_backend_applies_to_new_blocks():
-    assert nets.get_default_attention_backend() == 'math'
-    nets.set_default_attention_backend('sdpa')
+    assert nets.get_default_attention_backend() == 'sdpa'
+    nets.set_default_attention_backend('math')
     try:
         block = layers.UNetBlock(8, 8, 4, attention=True, num_heads=1)
-        assert block.attn_backend == 'sdpa'
+        assert block.attn_backend == 'math'
     finally:
-        nets.set_default_attention_backend('math')
+        nets.set_default_attention_backend('sdpa')
 
 
 @pytest.mark.parametrize('key', ['ncsnpp', 'adm'])
@@ -714,22 +714,56 @@ def _tiny_precond(use_fp16):
     return net, tiny_inputs(cfg)
 
 
-def test_autocast_dtype_follows_set_precision():
+def test_compute_dtype_follows_set_precision():
     net, _ = _tiny_precond(use_fp16=True)
     plain, _ = _tiny_precond(use_fp16=False)
     # Never set: EDM's default, fp16 on CUDA only and only when built with use_fp16.
     assert net.precision is None and plain.precision is None
-    assert net.autocast_dtype('cpu') is None and net.autocast_dtype('cuda') == torch.float16
-    assert plain.autocast_dtype('cuda') is None
-    expected = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+    assert net.compute_dtype('cpu') == torch.float32 and net.compute_dtype('cuda') == torch.float16
+    assert plain.compute_dtype('cuda') == torch.float32
+    expected = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
     for precision, dtype in expected.items():
         for m in (net, plain):
             assert set_precision(m, precision) is m and m.precision == precision
             # The setting wins over use_fp16 and over the device: 'fp32' is full precision even on CUDA.
-            assert m.autocast_dtype('cpu') == dtype and m.autocast_dtype('cuda') == dtype
-            assert m.autocast_dtype('cuda', force_fp32=True) is None   # EDM's argument keeps its meaning
+            assert m.compute_dtype('cpu') == dtype and m.compute_dtype('cuda') == dtype
+            assert m.compute_dtype('cuda', force_fp32=True) == torch.float32   # EDM's argument keeps its meaning
     set_precision(net, None)
-    assert net.autocast_dtype('cuda') == torch.float16
+    assert net.compute_dtype('cuda') == torch.float16
+
+
+def _dtypes_seen(net, x, sigma, labels):
+    """{module kind: set of (input dtype, autocast on)} over one forward."""
+    seen = {}
+
+    def hook(kind):
+        return lambda m, args: seen.setdefault(kind, set()).add((args[0].dtype, torch.is_autocast_enabled('cpu')))
+    hooks = []
+    for name, m in net.model.named_modules():
+        kind = ('mapping' if name.startswith('map_') or name.endswith('affine') else
+                type(m).__name__ if isinstance(m, (layers.Conv2d, layers.GroupNorm)) else None)
+        if kind:
+            hooks.append(m.register_forward_pre_hook(hook(kind)))
+    with torch.no_grad():
+        out = net(x, sigma, labels)
+    for h in hooks:
+        h.remove()
+    return seen, out
+
+
+def test_fp16_precision_casts_as_edm_use_fp16():
+    """EDM's use_fp16 (training/networks.py): the wrapper casts c_in x to fp16, so every convolution and group norm
+    of the U-Net runs on fp16 activations, while the mapping network (embeddings, the blocks' affine layers) sees
+    the fp32 noise labels; no autocast anywhere; the result is fp32 and close to the fp32 one."""
+    net, (x, sigma, labels, _) = _tiny_precond(use_fp16=False)
+    fp32 = set_precision(net, 'fp32')(x, sigma, labels)
+    seen, out = _dtypes_seen(set_precision(net, 'fp16'), x, sigma, labels)
+    assert seen == {'Conv2d': {(torch.float16, False)}, 'GroupNorm': {(torch.float16, False)},
+                    'mapping': {(torch.float32, False)}}
+    assert out.dtype == torch.float32
+    assert 0 < (out - fp32).abs().max() < 1e-2 * fp32.abs().max()
+    seen, _ = _dtypes_seen(set_precision(net, 'bf16'), x, sigma, labels)   # bf16: autocast, fp32 inputs
+    assert all(autocast for kind in seen.values() for _, autocast in kind)
 
 
 def test_set_precision_reaches_every_wrapper_and_refuses_unknown_names():

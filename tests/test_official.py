@@ -37,7 +37,7 @@ from official_ref import OfficialRepo, ReplayTorch  # noqa: E402  (test-only hel
 from sidlib import networks as ours_networks  # noqa: E402
 from sidlib.augment import AugmentPipe  # noqa: E402
 from sidlib.losses import EDMLoss, sid_generator_loss  # noqa: E402
-from sidlib.rng import (PHASE_FAKE, PHASE_G, labels_for_seeds, latents_for_seeds, rand, randn,  # noqa: E402
+from sidlib.rng import (PHASE_FAKE, PHASE_G, latents_for_seeds, rand, randn,  # noqa: E402
                         random_labels, sample_generators)
 from sidlib.sampling import edm_sigmas, generate_onestep, heun_sampler, to_uint8  # noqa: E402
 from sidlib.sid_loss import SiDLoss  # noqa: E402
@@ -169,13 +169,14 @@ def net_kwargs(arch='ddpmpp', **kw):
 
 def build_pair(repo: OfficialRepo, netmod, precond: str, kwargs: dict, seed: int, perturb: float = 0.05):
     """The official ``precond`` network built from ``kwargs`` with every parameter perturbed by ``perturb`` N(0, 1)
-    (so zero-initialised layers carry signal), and sidlib's network with EDM's state_dict loaded strictly."""
+    (so zero-initialised layers carry signal), and sidlib's network with EDM's state_dict loaded strictly and
+    EDM's attention operations ('math'; sidlib's default 'sdpa' is compared in test_network_matches_edm)."""
     with seeded(seed), repo.active():
         off = getattr(netmod, precond)(**kwargs)
         with torch.no_grad():
             for p in off.parameters():
                 p.add_(torch.randn_like(p) * perturb)
-    ours = getattr(ours_networks, precond)(**kwargs)
+    ours = ours_networks.set_attention_backend(getattr(ours_networks, precond)(**kwargs), 'math')
     ours.load_state_dict(off.state_dict(), strict=True)
     return off, ours
 
@@ -211,20 +212,38 @@ class Recorder:
 # 1. Networks.
 
 
+def _forward_backward(net, x0, sigma, labels, aug, w):
+    x = x0.clone().requires_grad_(True)
+    out = net(x, sigma, labels, augment_labels=aug)
+    (out.float() * w).sum().backward()
+    return out.detach(), x.grad.detach(), grads(net)
+
+
+def _net_inputs(seed=12):
+    g = torch.Generator().manual_seed(seed)
+    sigma = torch.tensor([0.01, 0.3, 2.0, 30.0])
+    x0 = torch.randn(4, 3, 8, 8, generator=g) * (sigma ** 2 + 0.25).sqrt().reshape(-1, 1, 1, 1)
+    return x0, sigma, one_hot([0, 3, 1, 2]), torch.randn(4, 9, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+
+
+@pytest.mark.parametrize('backend', ['math', 'sdpa'])
 @pytest.mark.parametrize('precond', ['EDMPrecond', 'VPPrecond', 'VEPrecond'])
 @pytest.mark.parametrize('arch', list(ARCHS))
-def test_network_matches_edm(edm, arch, precond):
+def test_network_matches_edm(edm, arch, precond, backend):
     """EDM's ``training/networks.py`` ``<precond>(model_type=...)`` vs sidlib's class of the same name, same kwargs
     (conditional, ``augment_dim=9``), EDM's state_dict loaded with ``strict=True``.
 
     Compared: state_dict keys (same names in the same order) and shapes; sigma_min/sigma_max; the forward output
-    ``D(x; sigma, labels, augment_labels)`` for four noise levels 0.01..30 (bit-exact: the same sequence of torch
-    ops); the gradient of ``sum(w * D)`` w.r.t. the input and w.r.t. every parameter (close: autograd may
-    accumulate the U-Net's skip-connection branches in another order, fp32 summation-order noise).
+    ``D(x; sigma, labels, augment_labels)`` for four noise levels 0.01..30; the gradient of ``sum(w * D)`` w.r.t.
+    the input and every parameter. 'math' attention (EDM's sequence of operations): the forward bit-exact,
+    gradients within fp32 summation-order noise (autograd may accumulate the skip branches in another order).
+    'sdpa' (sidlib's default): the fused attention kernel rounds differently; the forward within 1e-5 of the
+    output's scale, gradients as for 'math'.
     """
     en = edm.load('training.networks')
     kwargs = net_kwargs(arch)
     off, ours = build_pair(edm, en, precond, kwargs, seed=11)
+    ours_networks.set_attention_backend(ours, backend)
 
     sd_off, sd_ours = off.state_dict(), ours.state_dict()
     assert list(sd_ours) == list(sd_off)
@@ -232,29 +251,50 @@ def test_network_matches_edm(edm, arch, precond):
     assert all(torch.equal(sd_ours[k], sd_off[k]) for k in sd_off)  # buffers too (Fourier freqs, filters)
     assert float(ours.sigma_min) == float(off.sigma_min) and float(ours.sigma_max) == float(off.sigma_max)
 
-    g = torch.Generator().manual_seed(12)
-    sigma = torch.tensor([0.01, 0.3, 2.0, 30.0])
-    x0 = torch.randn(4, 3, 8, 8, generator=g) * (sigma ** 2 + 0.25).sqrt().reshape(-1, 1, 1, 1)
-    labels = one_hot([0, 3, 1, 2])
-    aug = torch.randn(4, 9, generator=g)
-    w = torch.randn(4, 3, 8, 8, generator=g)
-    results = []
-    for net in (off, ours):
-        x = x0.clone().requires_grad_(True)
-        out = net(x, sigma, labels, augment_labels=aug)
-        (out * w).sum().backward()
-        results.append((out.detach(), x.grad.detach(), grads(net)))
-    (out_off, gx_off, gp_off), (out_ours, gx_ours, gp_ours) = results
-
-    report(f'network {arch}/{precond} forward', out_ours, out_off)
-    report(f'network {arch}/{precond} input grad', gx_ours, gx_off)
-    report(f'network {arch}/{precond} param grads', gp_ours, gp_off, sets=True)
-    assert torch.equal(out_ours, out_off)
+    x0, sigma, labels, aug, w = _net_inputs()
+    (out_off, gx_off, gp_off), (out_ours, gx_ours, gp_ours) = [_forward_backward(n, x0, sigma, labels, aug, w)
+                                                               for n in (off, ours)]
+    tag = f'network {arch}/{precond}/{backend}'
+    report(f'{tag} forward', out_ours, out_off)
+    report(f'{tag} input grad', gx_ours, gx_off)
+    report(f'{tag} param grads', gp_ours, gp_off, sets=True)
+    if backend == 'math':
+        assert torch.equal(out_ours, out_off)
+    else:
+        torch.testing.assert_close(out_ours, out_off, rtol=0, atol=1e-5 * float(out_off.abs().max()))
     # Gradients: fp32 summation-order noise only (measured <= 2.1e-6 of the tensor's max for SongUNet, exactly 0
-    # for DhariwalUNet); 1e-5 of each tensor's scale leaves a margin without hiding a wrong term.
+    # for DhariwalUNet with 'math'); 1e-5 of each tensor's scale leaves a margin without hiding a wrong term.
     torch.testing.assert_close(gx_ours, gx_off, rtol=0, atol=1e-5 * float(gx_off.abs().max()))
     for k in gp_off:
         torch.testing.assert_close(gp_ours[k], gp_off[k], rtol=0, atol=1e-5 * float(gp_off[k].abs().max()) + 1e-12,
+                                   msg=lambda m: f'{k}: {m}')
+
+
+@pytest.mark.parametrize('arch', ['ddpmpp', 'adm'])
+def test_fp16_inner_network_matches_edm_use_fp16(edm, arch):
+    """EDM's ``use_fp16`` hands the inner network ``(c_in x).to(float16)`` and fp32 noise, class and augment labels
+    (``EDMPrecond.forward``; on CUDA only, so here EDM's inner network is called with those inputs directly, on the
+    CPU). sidlib's inner network, given the same inputs and with 'math' attention (EDM's operations), computes the
+    same fp16 function: the output bit-exact, the input and parameter gradients within fp16 rounding of each
+    tensor's scale (autograd's accumulation order)."""
+    en = edm.load('training.networks')
+    off, ours = build_pair(edm, en, 'EDMPrecond', net_kwargs(arch), seed=13)
+    ours_networks.set_attention_backend(ours, 'math')
+    x0, sigma, labels, aug, w = _net_inputs(14)
+    res = []
+    for net in (off.model, ours.model):
+        x = (x0 / (sigma ** 2 + 0.25).sqrt().reshape(-1, 1, 1, 1)).to(torch.float16).requires_grad_(True)
+        out = net(x, sigma.log() / 4, class_labels=labels, augment_labels=aug)
+        (out.float() * w).sum().backward()
+        res.append((out.detach(), x.grad.detach(), grads(net)))
+    (o_off, gx_off, gp_off), (o_ours, gx_ours, gp_ours) = res
+    report(f'fp16 inner network {arch} forward', o_ours, o_off)
+    report(f'fp16 inner network {arch} param grads', gp_ours, gp_off, sets=True)
+    assert o_ours.dtype == o_off.dtype == torch.float16
+    assert torch.equal(o_ours, o_off)
+    torch.testing.assert_close(gx_ours.float(), gx_off.float(), rtol=0, atol=1e-2 * float(gx_off.abs().max()))
+    for k in gp_off:
+        torch.testing.assert_close(gp_ours[k], gp_off[k], rtol=0, atol=1e-2 * float(gp_off[k].abs().max()) + 1e-12,
                                    msg=lambda m: f'{k}: {m}')
 
 
@@ -314,7 +354,7 @@ def _fresh(sid, sn, kw, pair):
     """Fresh copies (the tests take gradients) of an (official, sidlib) pair."""
     off, ours = pair
     off2 = load_official(sid, sn, 'EDMPrecond', kw, off.state_dict())
-    ours2 = ours_networks.EDMPrecond(**kw)
+    ours2 = ours_networks.set_attention_backend(ours_networks.EDMPrecond(**kw), 'math')
     ours2.load_state_dict(ours.state_dict(), strict=True)
     return off2, ours2
 
@@ -451,18 +491,12 @@ def test_sid_fake_score_loss_matches_sid(sid, sid_trio, nan_row):
                                        msg=lambda m: f'{k}: {m}')
 
 
-@pytest.mark.xfail(strict=True, raises=KnownDifference, reason=(
-    'sidlib.sid_loss.SiDLoss.fake_score_loss computes the EDM loss on the whole batch and drops non-finite rows '
-    'afterwards, so a NaN sample back-propagates 0 * NaN = NaN into the output layer; SiD selects the rows before '
-    'the formula. The output conv bias (dec.<res>_aux_conv.bias) then gets a NaN gradient (zeroed by the NaN -> 0 '
-    'cleaning) in sidlib and the finite gradient of the kept samples in SiD.'))
-def test_sid_fake_score_grads_with_nan_sample_match_sid(sid, sid_trio):
-    """As the 'nan-row' case of test_sid_fake_score_loss_matches_sid (x_g row 2 = NaN), comparing the fake score's
-    parameter gradients as SiD's loop uses them (NaN -> 0, +-Inf -> +-1e5). Both sides have NaN gradients in every
-    parameter the NaN sample's activations reach (the batch's weight gradients); they must agree everywhere else.
-    (``map_augment.weight``: None in SiD, which passes no augment labels, NaN -> 0 in sidlib, which passes zeros:
-    equal after cleaning and harmless, Adam moves a parameter with zero gradient history by 0.)
-    """
+def test_sid_fake_score_grads_with_nan_sample_match_sid_on_the_clean_rows(sid, sid_trio):
+    """A NaN sample costs only its own row: with x_g row 2 = NaN, the loss and the fake score's parameter gradients
+    of ``SiDLoss().fake_score_loss`` equal SiD's ``SID_EDMLoss()(fake_score, x_g[clean rows], ...)`` given the same
+    sigma and noise draws for those rows (replayed), up to fp32 summation-order noise. (SiD's loss on the whole
+    batch drops the row after the network ran, so 0 * NaN reaches every weight gradient: NaN, which its loop then
+    replaces by 0.)"""
     sn, kw, pairs = sid_trio
     G, (F_off, F) = pairs[0][1], _fresh(sid, sn, kw, pairs[2])  # G only makes x_g (no gradients taken)
     sl = sid.load('training.sid_loss')
@@ -472,30 +506,27 @@ def test_sid_fake_score_grads_with_nan_sample_match_sid(sid, sid_trio):
     with torch.no_grad():
         x_g = generate_onestep(G, z, INIT_SIGMA, labels)
     x_g[2] = float('nan')
+    keep = torch.arange(x_g.shape[0]) != 2
     for net in (F_off, F):
         net.train().requires_grad_(True)
-    with seeded(36):
-        loss_fn(fake_score=F_off, images=x_g, labels=labels, augment_pipe=None).sum().backward()
-    with seeded(36):
-        SiDLoss(ALPHA, TMAX).fake_score_loss(F, x_g, labels, generator=None)[0].sum().backward()
-    raw_o, raw_f = grads(F), grads(F_off)
-    nan_only_ours = [k for k in raw_f if bool((raw_o[k].isnan() & ~raw_f[k].isnan()).any())]
-    go, gf = grads(F, clean=True), grads(F_off, clean=True)
-    for k in nan_only_ours:
-        print(f'[official] fake-score grads with a NaN sample: {k} NaN in sidlib only; official |grad| max '
-              f'{float(gf[k].abs().max()):.3g}, sidlib after NaN -> 0: {float(go[k].abs().max()):.3g}')
-    report('SiD fake-score loss [nan-row] fake param grads (NaN -> 0)', go, gf, sets=True)
-    known = {'model.map_augment.weight', 'model.dec.8x8_aux_conv.bias'}
-    assert set(nan_only_ours) <= known, f'NaN gradients in sidlib only, beyond the known ones: {nan_only_ours}'
-    assert not [k for k in raw_f if bool((raw_f[k].isnan() & ~raw_o[k].isnan()).any())]
-    differing = []
+    loss_ours, kept = SiDLoss(ALPHA, TMAX).fake_score_loss(F, x_g, labels, generator=torch.Generator().manual_seed(37))
+    loss_ours.sum().backward()
+    draws = torch.Generator().manual_seed(37)  # the same draws: sigma's normal [N, 1, 1, 1], then the noise
+    normal, noise = randn(6, [1, 1, 1], draws), randn(6, [3, 8, 8], draws)
+    with replay(sl, [('randn', normal[keep]), ('randn_like', noise[keep])]):
+        loss_off = loss_fn(fake_score=F_off, images=x_g[keep], labels=labels[keep], augment_pipe=None)
+    loss_off.sum().backward()
+    go, gf = grads(F), grads(F_off)
+    report('SiD fake-score loss [nan-row] vs SiD on the clean rows: loss', loss_ours, loss_off)
+    report('SiD fake-score loss [nan-row] vs SiD on the clean rows: fake param grads', go, gf, sets=True)
+    assert torch.equal(kept, keep) and torch.equal(loss_ours, loss_off)
     for k in gf:
-        tol = 1e-5 * float(gf[k].abs().max()) + 1e-12
-        if float((go[k] - gf[k]).abs().max()) > tol:
-            assert k in nan_only_ours, f'{k} differs ({float((go[k] - gf[k]).abs().max()):.3g}) for no known reason'
-            differing.append(k)
-    if differing:
-        raise KnownDifference(f'gradients zeroed in sidlib only (NaN -> 0), finite in SiD: {differing}')
+        if k == 'model.map_augment.weight':  # SiD passes no augment labels (no gradient), sidlib zeros (zero)
+            assert not go[k].any()
+            continue
+        assert torch.isfinite(go[k]).all()
+        torch.testing.assert_close(go[k], gf[k], rtol=0, atol=1e-5 * float(gf[k].abs().max()) + 1e-12,
+                                   msg=lambda m: f'{k}: {m}')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -510,19 +541,20 @@ ITER_CFG = dict(alpha=ALPHA, tmax=float(TMAX), init_sigma=INIT_SIGMA, batch=BATC
                 grid_size=0, progress=False, resume=False, augment_p=0.0, dropout=0.0)
 
 
-def _official_sid_run(sid, teacher_kwargs, teacher_sd, student_sd, cfg):
+def _official_sid_run(sid, teacher_kwargs, teacher_sd, student_sd, cfg, device='cpu'):
     """SiD's ``training/sid_training_loop.py`` iteration, line for line, with SiD's networks and SID_EDMLoss,
-    single process, no accumulation rounds; every random draw replayed from sidlib's per-sample streams.
-    fake_score, G and G_ema start from ``student_sd`` (SiD: the teacher's weights)."""
+    single process, no accumulation rounds; every random draw replayed from sidlib's per-sample streams (drawn
+    on the CPU, then moved to ``device``). fake_score, G and G_ema start from ``student_sd`` (SiD: the teacher's
+    weights). Also used by ``benchmarks/gpu_check.py`` on CUDA."""
     sn, sl = sid.load('training.networks'), sid.load('training.sid_loss')
     B, lbl, sig0 = cfg['batch'], teacher_kwargs['label_dim'], cfg['init_sigma']
     shape = [teacher_kwargs['img_channels'], teacher_kwargs['img_resolution'], teacher_kwargs['img_resolution']]
     # SiD deep-copies the networks; the persistent classes' deepcopy re-imports their module source, so the copies
     # are built and loaded instead.
-    true_score = load_official(sid, sn, 'EDMPrecond', teacher_kwargs, teacher_sd).eval().requires_grad_(False)
-    fake_score = load_official(sid, sn, 'EDMPrecond', teacher_kwargs, student_sd)
-    G = load_official(sid, sn, 'EDMPrecond', teacher_kwargs, student_sd)
-    G_ema = load_official(sid, sn, 'EDMPrecond', teacher_kwargs, student_sd).eval().requires_grad_(False)
+    true_score = load_official(sid, sn, 'EDMPrecond', teacher_kwargs, teacher_sd).to(device).eval().requires_grad_(False)
+    fake_score = load_official(sid, sn, 'EDMPrecond', teacher_kwargs, student_sd).to(device)
+    G = load_official(sid, sn, 'EDMPrecond', teacher_kwargs, student_sd).to(device)
+    G_ema = load_official(sid, sn, 'EDMPrecond', teacher_kwargs, student_sd).to(device).eval().requires_grad_(False)
     fake_score.eval().requires_grad_(False)
     G.eval().requires_grad_(False)
     with sid.active():
@@ -535,12 +567,13 @@ def _official_sid_run(sid, teacher_kwargs, teacher_sd, student_sd, cfg):
     for it in range(cfg['iterations']):
         # Update fake score network f_psi. Draws in sidlib's order: labels, z | sigma's normal, noise.
         gens = sample_generators(range(B), cfg['seed'], it, PHASE_FAKE)
-        labels, z0 = random_labels(B, lbl, gens), randn(B, shape, gens)
-        draws = [('randn', randn(B, [1, 1, 1], gens)), ('randn_like', randn(B, shape, gens))]
+        labels, z0 = _on(device, random_labels(B, lbl, gens)), randn(B, shape, gens).to(device)
+        draws = [('randn', randn(B, [1, 1, 1], gens).to(device)), ('randn_like', randn(B, shape, gens).to(device))]
         fake_score.train().requires_grad_(True)
         fake_score_optimizer.zero_grad(set_to_none=True)
         z = sig0 * z0
-        images = G(z, sig0 * torch.ones(z.shape[0], 1, 1, 1), labels, augment_labels=torch.zeros(z.shape[0], 9))
+        images = G(z, sig0 * torch.ones(z.shape[0], 1, 1, 1, device=device), labels,
+                   augment_labels=torch.zeros(z.shape[0], 9, device=device))
         with replay(sl, draws):
             loss = loss_fn(fake_score=fake_score, images=images, labels=labels, augment_pipe=None)
         loss = loss.sum().mul(cfg['ls'] / B)
@@ -553,12 +586,13 @@ def _official_sid_run(sid, teacher_kwargs, teacher_sd, student_sd, cfg):
 
         # Update generator G_theta. Draws: labels, z | u ~ U[0,1), noise.
         gens = sample_generators(range(B), cfg['seed'], it, PHASE_G)
-        labels, z0 = random_labels(B, lbl, gens), randn(B, shape, gens)
-        draws = [('rand', rand(B, [1, 1, 1], gens)), ('randn_like', randn(B, shape, gens))]
+        labels, z0 = _on(device, random_labels(B, lbl, gens)), randn(B, shape, gens).to(device)
+        draws = [('rand', rand(B, [1, 1, 1], gens).to(device)), ('randn_like', randn(B, shape, gens).to(device))]
         G.train().requires_grad_(True)
         g_optimizer.zero_grad(set_to_none=True)
         z = sig0 * z0
-        images = G(z, sig0 * torch.ones(z.shape[0], 1, 1, 1), labels, augment_labels=torch.zeros(z.shape[0], 9))
+        images = G(z, sig0 * torch.ones(z.shape[0], 1, 1, 1, device=device), labels,
+                   augment_labels=torch.zeros(z.shape[0], 9, device=device))
         with replay(sl, draws):
             loss = loss_fn.generator_loss(true_score=true_score, fake_score=fake_score, images=images, labels=labels,
                                           augment_pipe=None, alpha=cfg['alpha'], tmax=int(cfg['tmax']))
@@ -578,7 +612,12 @@ def _official_sid_run(sid, teacher_kwargs, teacher_sd, student_sd, cfg):
         for p_ema, p_true_score in zip(G_ema.parameters(), G.parameters()):
             p_ema.copy_(p_true_score.detach().lerp(p_ema, ema_beta))
         cur_nimg += B
-    return {'G': G.state_dict(), 'fake': fake_score.state_dict(), 'G_ema': G_ema.state_dict()}
+    return {k: {n: t.cpu() for n, t in net.state_dict().items()}
+            for k, net in (('G', G), ('fake', fake_score), ('G_ema', G_ema))}
+
+
+def _on(device, t):
+    return None if t is None else t.to(device)
 
 
 ITER_CASES = {
@@ -608,13 +647,14 @@ def test_sid_iterations_match_official(sid, tmp_path, case):
 
     * 'student-init-eps1e-8': SiD's Adam eps; the teacher is a separate network (registered in process) and G /
       the fake score start from sidlib's seeded student initialisation (the fake score a copy of G), so y_real -
-      y_fake is O(1). Strict: every element within 0.05 lr (measured <= 0.007 lr).
+      y_fake is O(1). Strict: every element within 0.05 lr (measured <= 0.023 lr: sidlib's loop runs its default
+      'sdpa' attention, SiD EDM's einsums).
     * 'teacher-init-eps1e-2': SiD's initialisation (G = fake score = teacher, teacher loaded from a file). At
       iteration 0 the fake score is then one Adam step away from the teacher, so the generator gradient, which is
       linear in y_real - y_fake, is a difference of nearly equal numbers and carries the fp32 noise of the two
       networks (bit-exact forwards, but backward summation order and sigma's last ulps differ) at a far larger
       relative size; Adam's per-element normalisation g / (|g| + eps) turns that noise in the few near-zero
-      gradients into O(lr) steps. eps = 1e-2 keeps Adam in its linear regime; strict as above (measured <= 0.007).
+      gradients into O(lr) steps. eps = 1e-2 keeps Adam in its linear regime; strict as above (measured <= 0.006).
     * 'teacher-init-eps1e-8': SiD's exact settings. Checked statistically: at most 0.5% of the elements differ by
       more than 0.01 lr (measured 0.05%: attention qkv biases, whose key part has an exactly zero true gradient,
       and a few generator weights), none by more than two Adam steps per iteration. A wrong term of the loop (loss
@@ -770,30 +810,24 @@ def test_sid_onestep_generation_matches_sid(sid):
     assert torch.equal(to_uint8(images), uint8_off)
 
 
-@pytest.mark.xfail(strict=True, raises=KnownDifference, reason=(
-    "sidlib.rng.latents_for_seeds draws each seed's latent in float64 and labels_for_seeds draws the label from "
-    "a separate derived stream, while EDM's generate.py and SiD's generate_onestep.py draw float32 latents and then "
-    "randint labels from the seed's generator: the same seed gives a different image (sidlib only reuses EDM's "
-    "seed numbering)."))
 def test_seed_latents_and_labels_match_sid(sid):
-    """For seeds 0..3: SiD's ``StackedRandomGenerator(cpu, seeds).randn([N, 3, 8, 8])`` and its randint labels vs
-    ``sidlib.rng.latents_for_seeds`` / ``labels_for_seeds`` (on the CPU, where both are reproducible)."""
+    """For seeds 0..3 and 2**32 + 1: SiD's ``StackedRandomGenerator(cpu, seeds).randn([N, 3, 8, 8])`` and its
+    randint labels vs ``sidlib.rng.inputs_for_seeds`` (on the CPU, where both are
+    reproducible): bit-exact, and the generators continue identically (the stochastic sampler's noise)."""
+    from sidlib.rng import inputs_for_seeds
+
     go = sid.load('generate_onestep')
-    seeds, shape = [0, 1, 2, 3], [3, 8, 8]
+    seeds, shape = [0, 1, 2, 3, 2 ** 32 + 1], [3, 8, 8]
     rnd = go.StackedRandomGenerator(torch.device('cpu'), seeds)
     lat_off = rnd.randn([len(seeds)] + shape, device='cpu')
     lab_off = torch.eye(LABEL_DIM)[rnd.randint(LABEL_DIM, size=[len(seeds)], device='cpu')]
-    lat = latents_for_seeds(seeds, shape)
-    lab = labels_for_seeds(seeds, LABEL_DIM)
-    report('seed -> latent (sidlib float64 vs SiD float32 draw)', lat, lat_off.double())
+    noise_off = rnd.randn([len(seeds)] + shape, dtype=torch.float64)
+    lat, lab = latents_for_seeds(seeds, shape), inputs_for_seeds(seeds, shape, LABEL_DIM).labels
+    gens = inputs_for_seeds(seeds, shape, LABEL_DIM).generators
+    noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float64) for g in gens])
+    report('seed -> latent', lat, lat_off.double())
     print(f'[official] seed -> label: sidlib {lab.argmax(1).tolist()} vs SiD {lab_off.argmax(1).tolist()}')
-    if not (torch.equal(lat.float(), lat_off) and torch.equal(lab, lab_off)):
-        # The documented mechanism: the same per-seed CPU generators, drawn in float64 by sidlib.
-        f64 = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                           for s in seeds])
-        assert torch.equal(lat, f64)
-        raise KnownDifference('latents drawn in float64 (sidlib) vs float32 (SiD/EDM) from the same seeded '
-                              'generators; labels from a derived stream vs randint after the latent')
+    assert torch.equal(lat, lat_off.double()) and torch.equal(lab, lab_off) and torch.equal(noise, noise_off)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -813,12 +847,8 @@ def _aug_image(n=1):
     return img + 0.3 * torch.exp(-((xx + 4) ** 2 + (yy + 5) ** 2) / 32)
 
 
-def _centre_err(a, b):
-    """max |a - b| within radius R/4 of the centre (away from the two pipelines' different border padding)."""
-    c = torch.arange(AUG_RES, dtype=torch.float32) + 0.5 - AUG_RES / 2
-    yy, xx = torch.meshgrid(c, c, indexing='ij')
-    inside = (xx ** 2 + yy ** 2).sqrt() < AUG_RES / 4
-    return float((a - b)[..., inside].abs().max())
+def _max_err(a, b):
+    return float((a - b).abs().max())
 
 
 def _run_edm_augment(edm, kwargs, draws, x):
@@ -837,95 +867,80 @@ def _run_sidlib_augment(monkeypatch, kwargs, u, g, x):
 
 
 def _aug_case(name):
-    """(pipeline kwargs, EDM draws, sidlib uniforms u [1, 11] and normals g [1, 4], EDM draws of the mirrored
-    transform or None) for one transform with fixed parameters, applied with probability 1."""
+    """(pipeline kwargs, EDM draws, sidlib uniforms u [1, 11] and normals g [1, 4]) for one transform with fixed
+    parameters, applied with probability 1."""
     u, g = torch.full([1, 11], 0.99), torch.zeros(1, 4)
     one, zero = (lambda v: torch.full([1], float(v))), torch.zeros([1])
     if name == 'xflip':
         u[0, 0], u[0, 1] = 0.0, 0.0
         return dict(xflip=1), [('randint', torch.ones(1, 1, 1, 1, dtype=torch.int64)),
-                               ('rand', torch.zeros(1, 1, 1, 1))], u, g, None
+                               ('rand', torch.zeros(1, 1, 1, 1))], u, g
     if name == 'yflip':
         u[0, 2], u[0, 3] = 0.0, 0.0
         return dict(yflip=1), [('randint', torch.ones(1, 1, 1, 1, dtype=torch.int64)),
-                               ('rand', torch.zeros(1, 1, 1, 1))], u, g, None
+                               ('rand', torch.zeros(1, 1, 1, 1))], u, g
     if name == 'scale':
         g[0, 0], u[0, 4] = 1.5, 0.0  # scale 2^(1.5 * 0.2)
-        return dict(scale=1), [('randn', one(1.5)), ('rand', zero)], u, g, None
+        return dict(scale=1), [('randn', one(1.5)), ('rand', zero)], u, g
     if name == 'translate':
         g[0, 2], g[0, 3], u[0, 10] = 0.7, -0.45, 0.0  # (2.8, -1.8) px: fractional shifts
         return dict(translate_frac=1), [('randn', torch.tensor([[0.7], [-0.45]])), ('rand', torch.zeros(1, 1))], \
-            u, g, None
+            u, g
     if name == 'aniso-axis-aligned':
         g[0, 1], u[0, 7], u[0, 8], u[0, 9] = 1.5, 0.7, 0.0, 0.9  # u9 >= 0.5: no frame rotation (r = 0)
-        return dict(aniso=1), [('randn', one(1.5)), ('rand', one(0.7)), ('rand', zero), ('rand', one(0.9))], \
-            u, g, None
+        return dict(aniso=1), [('randn', one(1.5)), ('rand', one(0.7)), ('rand', zero), ('rand', one(0.9))], u, g
     if name == 'rotate':
         u[0, 5], u[0, 6] = 0.6, 0.0  # angle (0.6 * 2 - 1) pi = 0.2 pi
-        return dict(rotate_frac=1), [('rand', one(0.6)), ('rand', zero)], u, g, \
-            [('rand', one(0.4)), ('rand', zero)]  # EDM with angle -0.2 pi
+        return dict(rotate_frac=1), [('rand', one(0.6)), ('rand', zero)], u, g
     if name == 'aniso-rotated-frame':
         g[0, 1], u[0, 7], u[0, 8], u[0, 9] = 1.5, 0.7, 0.0, 0.0  # frame angle r = 0.4 pi
-        return dict(aniso=1), [('randn', one(1.5)), ('rand', one(0.7)), ('rand', zero), ('rand', zero)], u, g, \
-            [('randn', one(1.5)), ('rand', one(0.3)), ('rand', zero), ('rand', zero)]  # EDM with r = -0.4 pi
+        return dict(aniso=1), [('randn', one(1.5)), ('rand', one(0.7)), ('rand', zero), ('rand', zero)], u, g
     raise KeyError(name)
 
 
-# EDM resamples through a 2x sym6-wavelet upsampling, bilinear grid_sample with zero padding and a wavelet
-# downsampling; sidlib uses one bilinear grid_sample with reflection padding. On the smooth test pattern the two
-# differ by <= 0.015 (of a unit amplitude) near the centre when they apply the same transform; a transform in a
-# different direction differs by >= 0.2 there. 0.04 separates the two.
-AUG_TOL = 0.04
+# sidlib resamples with EDM's scheme (reflect padding, 2x sym6 upsampling, bilinear sampling, 2x sym6
+# downsampling), so the images agree up to fp32 rounding: measured <= 2e-6 of a unit amplitude on the smooth
+# pattern and on white noise; a transform in another direction (e.g. a mirrored rotation) differs by > 0.2.
+AUG_TOL = 1e-5
 EXACT_TRANSFORMS = ['xflip', 'yflip']
-RESAMPLED_AGREE = ['scale', 'translate', 'aniso-axis-aligned']
-MIRRORED = ['rotate', 'aniso-rotated-frame']
+RESAMPLED = ['scale', 'translate', 'aniso-axis-aligned', 'rotate', 'aniso-rotated-frame']
 
 
-@pytest.mark.parametrize('name', EXACT_TRANSFORMS + RESAMPLED_AGREE)
+@pytest.mark.parametrize('name', EXACT_TRANSFORMS + RESAMPLED)
 def test_augment_matches_edm(edm, monkeypatch, name):
     """EDM's ``training/augment.py`` ``AugmentPipe(p=1, <transform>=1)`` vs sidlib's ``AugmentPipe`` with the
     same transform parameters (EDM's draws replayed through a stand-in ``torch``; sidlib's uniforms / normals set
-    directly), on a 32x32 smooth pattern.
-
-    Compared: the augment labels (bit-exact) and the images: flips bit-exact (pure pixel flips); isotropic scaling,
-    fractional translation and axis-aligned anisotropic scaling agree within the two resampling schemes'
-    difference near the centre (see AUG_TOL).
-    """
-    kwargs, draws, u, g, _ = _aug_case(name)
+    directly), on a 32x32 smooth pattern: the augment labels bit-exact, flips bit-exact, the resampled transforms
+    (rotation and anisotropy in a rotated frame included) within fp32 rounding over the whole image."""
+    kwargs, draws, u, g = _aug_case(name)
     x = _aug_image()
     y_off, lab_off = _run_edm_augment(edm, kwargs, draws, x)
     y, lab = _run_sidlib_augment(monkeypatch, kwargs, u, g, x)
-    err = _centre_err(y, y_off)
-    print(f'[official] augment {name}: labels max_abs={diff(lab, lab_off)[0]:.3g}, image centre max_abs={err:.3g} '
-          f'(vs identity {_centre_err(y_off, x):.3g})')
+    err = _max_err(y, y_off)
+    print(f'[official] augment {name}: labels max_abs={diff(lab, lab_off)[0]:.3g}, image max_abs={err:.3g} '
+          f'(vs identity {_max_err(y_off, x):.3g})')
     assert torch.equal(lab, lab_off)
-    assert _centre_err(y_off, x) > 0.1  # the transform does something
+    assert _max_err(y_off, x) > 0.1  # the transform does something
     if name in EXACT_TRANSFORMS:
         assert torch.equal(y, y_off)
     else:
         assert err < AUG_TOL
 
 
-@pytest.mark.xfail(strict=True, raises=KnownDifference, reason=(
-    "sidlib's AugmentPipe rotates in the opposite direction to EDM's for the same rotate label (its inverse "
-    "transform uses rot(-angle) where EDM's uses rotate2d_inv(-angle) = rot(+angle)), and its anisotropic scaling "
-    "in a rotated frame uses rot(r) S rot(-r) where EDM uses rot(-r) S rot(r): both are EDM's transform with the "
-    "angle negated, while the augment labels are EDM's."))
-@pytest.mark.parametrize('name', MIRRORED)
-def test_augment_rotation_matches_edm(edm, monkeypatch, name):
-    """As test_augment_matches_edm for rotation and for anisotropic scaling along a rotated axis; also measures the
-    image against EDM's transform with the angle negated (the 'mirrored' hypothesis), which is what sidlib
-    computes: it matches that within the resampling tolerance."""
-    kwargs, draws, u, g, mirrored_draws = _aug_case(name)
-    x = _aug_image()
+def test_augment_all_transforms_on_white_noise_match_edm(edm, monkeypatch):
+    """SiD's whole geometric pipeline (every transform, p = 1, random parameters for 8 samples, a rotated anisotropy
+    frame for half of them) on white noise, the hardest input for resampling: within fp32 rounding of EDM's."""
+    n, gen = 8, torch.Generator().manual_seed(81)
+    x = torch.randn(n, 3, AUG_RES, AUG_RES, generator=gen)
+    u, g = torch.rand(n, 11, generator=gen), torch.randn(n, 4, generator=gen)
+    u[:, [4, 6, 8, 10]] = 0.0   # every transform applied
+    u[:, 9] = torch.arange(n) % 2 * 0.9   # rotated frame for even samples
+    kwargs = dict(scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    draws = [('randn', g[:, 0]), ('rand', u[:, 4]), ('rand', u[:, 5]), ('rand', u[:, 6]), ('randn', g[:, 1]),
+             ('rand', u[:, 7]), ('rand', u[:, 8]), ('rand', u[:, 9]), ('randn', g[:, 2:4].T.contiguous()),
+             ('rand', u[:, 10:11].T.contiguous())]
     y_off, lab_off = _run_edm_augment(edm, kwargs, draws, x)
-    y_mirror, _ = _run_edm_augment(edm, kwargs, mirrored_draws, x)
     y, lab = _run_sidlib_augment(monkeypatch, kwargs, u, g, x)
-    err, err_mirror = _centre_err(y, y_off), _centre_err(y, y_mirror)
-    print(f'[official] augment {name}: labels max_abs={diff(lab, lab_off)[0]:.3g}, image centre max_abs={err:.3g} '
-          f'vs EDM, {err_mirror:.3g} vs EDM with the angle negated (vs identity {_centre_err(y_off, x):.3g})')
+    d_abs, d_rel = report('augment all transforms, white noise', y, y_off)
     assert torch.equal(lab, lab_off)
-    if err >= AUG_TOL:
-        assert err_mirror < AUG_TOL, f'{name}: sidlib matches neither EDM ({err:.3g}) nor its mirror ({err_mirror:.3g})'
-        raise KnownDifference(f'{name}: sidlib differs from EDM by {err:.3g} near the centre but from EDM with '
-                              f'the angle negated by only {err_mirror:.3g}')
+    assert d_abs < 2 * AUG_TOL * float(y_off.abs().max())   # measured 6.6e-6 of the amplitude

@@ -191,3 +191,61 @@ def test_the_table_footnote_cites_a_file_that_exists():
     md = paper.table_markdown(1, paper.build_table(1, paper.load_reported(), []))
     cited = [c for c in re.findall(r"`([^`]+\.csv)`", md)]
     assert cited and all((ROOT / c).is_file() for c in cited), cited
+
+
+def test_captions_state_the_protocol_of_every_measured_row(tmp_path):
+    res = fake_result("cifar10-uncond", [2.1, 2.2], network="runs/paper/cifar10-uncond")
+    res["snapshot"] = {"snapshot": "best", "kimg": 1200, "of": 40, "criterion": "lowest fid10k_proxy of 40 logged "
+                       "evaluations"}
+    res["protocol"]["labels"] = None
+    proxy = fake_result("cifar10-uncond", [3.0], method="EDM teacher", alpha=None, nfe=35, num_images=10_000)
+    meas = paper.load_measurements([write(tmp_path, "a.json", res), write(tmp_path, "b.json", proxy)])
+    md = paper.table_markdown(1, paper.build_table(1, paper.load_reported(), meas))
+    caption = md.split("Protocol of each measured row:")[1]
+    assert "2 trials × 50,000 images; paper protocol; snapshot 1200 kimg of 40, selected by lowest fid10k_proxy" \
+        in caption
+    assert "1 trial × 10,000 images; PROXY; no snapshot selection" in caption
+    assert "10 trials of 50,000 images" in md  # the paper protocol, stated in every table
+    row = [r for r in rows_of(1, paper.load_reported(), meas) if r["measured_fid_mean"] and r["method"] == "SiD"][0]
+    assert row["measured_selection"].startswith("snapshot 1200 kimg")
+    assert "Protocol of each measured row" not in paper.table_markdown(1, paper.build_table(1, paper.load_reported(),
+                                                                                              []))
+
+
+def test_slurm_example_passes_valid_rendezvous_arguments_to_torchrun(tmp_path):
+    """paper/slurm_example.sh with stand-ins for scontrol and srun: the config it exports is valid, and the torchrun
+    command lines it starts on each node parse with torchrun's own parser (2 nodes, one process per GPU, c10d)."""
+    import os
+    import shlex
+    import stat
+    import subprocess
+    import sys
+
+    import yaml
+    from torch.distributed.run import get_args_parser
+
+    from sidlib.distill import DistillConfig
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {"scontrol": "printf 'node-a\\nnode-b\\n'", "srun": f"{{ printf '%q ' \"$@\"; echo; }} >> {tmp_path / 'srun.log'}",
+             "python": f"exec {sys.executable} \"$@\""}
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+           "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2",
+           "SLURM_JOB_ID": "4242"}
+    proc = subprocess.run(["bash", str(ROOT / "paper" / "slurm_example.sh"), "ffhq64"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cfg = DistillConfig.from_dict(yaml.safe_load((tmp_path / "runs/paper/ffhq64/config.yaml").read_text()))
+    cfg.validate(world_size=8)
+    lines = (tmp_path / "srun.log").read_text().splitlines()
+    assert len(lines) == 2
+    for line, module in zip(lines, ("sidlib.distill", "experiments.paper")):
+        words = shlex.split(line)
+        args = get_args_parser().parse_args(shlex.split(words[words.index("-c") + 1])[1:])
+        assert (args.nnodes, args.nproc_per_node, args.rdzv_backend) == ("2", "gpu", "c10d")
+        assert args.rdzv_endpoint == "node-a:29500" and args.rdzv_id == "4242"
+        assert args.module and args.training_script == module

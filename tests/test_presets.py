@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -62,6 +63,7 @@ def test_distill_block_matches_the_official_table_and_builds_a_valid_config(name
     assert cfg.ema_halflife_kimg == pytest.approx(s["ema_kimg"])
     assert cfg.duration_kimg == pytest.approx(s["duration_mimg"] * 1000) and cfg.iterations is None
     assert cfg.tick_kimg == s["tick_kimg"] and cfg.snap_ticks == s["snap_ticks"]
+    assert cfg.extra_snap_ticks == list(range(0, 101, 10))  # sid_training_loop.py: cur_tick in [10, ..., 100]
     assert (cfg.tmax, cfg.init_sigma, cfg.ls, cfg.lsg) == (800, 2.5, 1, 100)
     assert cfg.total_iterations() == pytest.approx(s["duration_mimg"] * 1e6 / s["batch"], abs=1)
 
@@ -230,11 +232,99 @@ def test_command_line_list_show_and_bad_set(tmp_path, capsys):
     assert main(["show", "afhqv2-64"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["name"] == "afhqv2-64" and shown["distill"]["alpha"] == 1.0
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        main(["distill-config", "ffhq64", "--out", str(tmp_path / "c.yaml"), "--set", "batch_gpu"])
-    with pytest.raises(ParamsError, match="batch"):
-        main(["distill-config", "ffhq64", "--out", str(tmp_path / "c.yaml"), "--set", "batch=3"])
+    capsys.readouterr()
+    assert main(["distill-config", "ffhq64", "--out", str(tmp_path / "c.yaml"), "--set", "batch_gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "KEY=VALUE" in err and err.count("\n") == 1
+    assert main(["distill-config", "ffhq64", "--out", str(tmp_path / "c.yaml"), "--set", "batch=3"]) == 2
+    assert "batch" in capsys.readouterr().err
+    with pytest.raises(ParamsError, match="batch"):  # --debug: the exception itself, anywhere on the line
+        main(["distill-config", "ffhq64", "--out", str(tmp_path / "c.yaml"), "--set", "batch=3", "--debug"])
     assert not (tmp_path / "c.yaml").exists()
+
+
+# ---- class frequencies, disk estimates, fetch-all ---------------------------------------------------------------------
+
+def test_class_frequencies_reach_the_distill_config_and_are_checked(tmp_path):
+    assert "label_probs" not in P.distill_config("cifar10-cond")  # data-free default: uniform
+    cfg = P.distill_config("cifar10-cond", label_probs=[2] + [1] * 9)
+    assert cfg["label_probs"] == pytest.approx([2 / 11] + [1 / 11] * 9)
+    DistillConfig.from_dict(cfg).validate()
+    cfg = P.distill_config("cifar10-cond", {"eval_fn": "sidlib.metrics.protocol:proxy_fid",
+                                            "eval_kwargs": {"num_images": 8}}, label_probs="1,1,1,1,1,1,1,1,1,3")
+    assert cfg["eval_kwargs"] == {"num_images": 8, "label_probs": cfg["label_probs"]}  # the proxy FID's labels too
+    assert cfg["snapshot_keep_best"] == "fid8_proxy"  # retention keeps the snapshot `--snapshot best` would pick
+    # A labelled dataset in EDM's layout: its labels are counted.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset.json").write_text(__import__("json").dumps(
+        {"labels": [[f"img{i:02d}.png", i % 3] for i in range(12)] + [["img12.png", 9]]}))
+    from PIL import Image
+    for i in range(13):
+        Image.new("RGB", (4, 4)).save(data / f"img{i:02d}.png")
+    probs = P.preset_label_probs(P.get_preset("cifar10-cond"), str(data))
+    assert probs == pytest.approx([4 / 13] * 3 + [0] * 6 + [1 / 13])
+    assert P.get_preset("imagenet64-cond", {"label_probs": [1] * 1000})["label_probs"] == [1] * 1000
+    with pytest.raises(Exception, match="10 classes"):
+        P.distill_config("cifar10-cond", label_probs=[1, 2, 3])
+    with pytest.raises(ParamsError, match="unconditional"):
+        P.get_preset("ffhq64", {"label_probs": [1, 2]})
+    with pytest.raises(ParamsError, match="unconditional"):
+        P.preset_label_probs(P.get_preset("ffhq64"), [1, 2])
+
+
+def test_disk_estimate_counts_snapshots_and_states():
+    over = {"duration_kimg": 100, "tick_kimg": 10, "snap_ticks": 3, "state_ticks": 2, "numbered_state_ticks": 4,
+            "grid_size": 0, "snapshot_keep_every": 0}
+    e = P.disk_estimate("cifar10-uncond", over)
+    params = P.PARAMETERS["cifar10-uncond"]
+    # 100 kimg at batch 256 = 391 iterations; a tick after iteration 1, then every 40 iterations (10,240 images >= 10
+    # kimg), and at the end: ticks 0..10. Snapshots at 0, 3, 6, 9 and 10; numbered states after ticks 4 and 8.
+    assert e["parameters"] == params and e["ticks"] == 10 and e["snapshots"] == 5 and e["numbered_states"] == 2
+    assert params * 4 <= e["snapshot_bytes"] < params * 4 + 100_000
+    assert e["state_bytes"] == params * 4 * 7  # G, fake score, G_ema, two Adam moments of G and of the fake score
+    assert e["total_bytes"] == 5 * e["snapshot_bytes"] + 3 * e["state_bytes"] and e["snapshots_kept"] == 5
+    # Retention keeps every N-th snapshot, the newest and the best: at most ceil(5 / 4) + 2 of the 5.
+    kept = P.disk_estimate("cifar10-uncond", {**over, "snapshot_keep_every": 4})
+    assert kept["snapshots"] == 5 and kept["snapshots_kept"] == 4
+    assert kept["total_bytes"] == 4 * e["snapshot_bytes"] + 3 * e["state_bytes"]
+    # SiD's loop also snapshots ticks 10, 20, ..., 100 (sid_training_loop.py): 5 more below tick 50 here.
+    extra = P.disk_estimate("cifar10-uncond", {**over, "duration_kimg": 600, "snap_ticks": 50})
+    assert extra["ticks"] == 59 and extra["snapshots"] == len({0, 10, 20, 30, 40, 50, 59})
+    assert P.disk_estimate("imagenet64-cond")["snapshot_bytes"] > 4 * 295_000_000
+
+
+def test_fetch_all_fills_the_cache_from_file_urls(tmp_path, monkeypatch, capsys):
+    from experiments.paper.__main__ import main
+    from sidlib.io.download import cache_path_for
+    from sidlib.io.registry import TEACHERS
+    from sidlib.metrics import fidelity, references
+    from sidlib.networks import PAPER_NETWORKS, edm_kwargs
+
+    monkeypatch.setenv("SIDLIB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    (tmp_path / "up").mkdir()
+    pkl, _ = tiny_ddpmpp_teacher(tmp_path / "up" / "teacher.pkl", model_channels=16)
+    tiny = edm_kwargs("ddpmpp", img_resolution=8, channel_mult=[1], model_channels=16, num_blocks=1,
+                      attn_resolutions=[], channel_mult_emb=1, augment_dim=9, dropout=0.1)
+    monkeypatch.setitem(PAPER_NETWORKS, "cifar10-uncond", {"arch": "ddpmpp", "parameters": 0, "kwargs": tiny})
+    monkeypatch.setitem(TEACHERS, "edm-cifar10-32x32-uncond-vp", pkl.as_uri())
+    ref = tmp_path / "up" / "cifar10-32x32.npz"
+    references.save_reference_stats(ref, np.zeros(2048), np.eye(2048))
+    monkeypatch.setitem(references.FID_REFERENCES, "cifar10-32x32", ref.as_uri())
+    weights = tmp_path / "up" / "inception.pth"
+    weights.write_bytes(b"stand-in for the Inception weights")
+    monkeypatch.setattr(fidelity, "INCEPTION_WEIGHTS_URL", weights.as_uri())
+    assert main(["fetch-all", "cifar10-uncond"]) == 0, capsys.readouterr().err
+    assert cache_path_for(pkl.as_uri()).read_bytes() == pkl.read_bytes()
+    assert cache_path_for(ref.as_uri()).read_bytes() == ref.read_bytes()
+    assert fidelity.inception_weights_path().read_bytes() == weights.read_bytes()
+    assert str(fidelity.inception_weights_path()) in capsys.readouterr().out
+    # Offline afterwards: the same command finds everything in the cache.
+    for f in (pkl, ref, weights):
+        f.unlink()
+    assert main(["fetch-all", "cifar10-uncond"]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -264,3 +354,31 @@ def test_two_distillation_iterations_with_a_real_preset_at_tiny_size(tmp_path):
                                     tables.teacher_reference_lines("cifar10-uncond"), title="tiny",
                                     out=tmp_path / "fig.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_paper_calc_under_torchrun_with_two_cpu_processes_equals_one(tmp_path):
+    """The eval stage's command (torchrun ... -m experiments.paper calc) with the gloo backend on two CPU processes:
+    the same trials as one process. A tiny network and the tiny extractor stand in for the paper's."""
+    import json
+    import os
+
+    write_edm_pickle(tmp_path / "net.pkl", {"ema": ef.tiny_edm(label_dim=10, seed=4)})
+    (tmp_path / "refs").mkdir()
+    ef.write_reference_npz(tmp_path / "refs" / "fid.npz", ef.random_images(32, seed=2))
+    common = ["-m", "experiments.paper", "calc", "cifar10-cond", "--network", str(tmp_path / "net.pkl"), "--refs",
+              str(tmp_path / "refs"), "--num-images", "7", "--trials", "2", "--batch", "2", "--feature-extractor",
+              ef.TINY, "--import", "eval_fixtures"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one.json")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *common, "--out", str(tmp_path / "two.json")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (a["protocol"]["world_size"], b["protocol"]["world_size"]) == (1, 2) and b["benchmark"] == "cifar10-cond"
+    for ta, tb in zip(a["trials"], b["trials"]):
+        assert tb["fid7_proxy"] == pytest.approx(ta["fid7_proxy"], rel=1e-6, abs=1e-9)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from sidlib.rng import (derive_seed, labels_for_seeds, latents_for_seeds, rand, randn, random_labels,
-                        sample_generators)
+from sidlib.rng import (derive_seed, inputs_for_seeds, latents_for_seeds, rand, randn,
+                        random_labels, sample_generators)
 from sidlib.sampling import edm_sigmas, generate_fewstep, generate_onestep, heun_sampler, to_uint8
 
 MU, S = 0.3, 0.4  # data N(MU, S^2) per dimension
@@ -116,10 +116,78 @@ def test_latents_and_labels_do_not_depend_on_how_seeds_are_split():
     z = latents_for_seeds(seeds, [3, 4, 4])
     torch.testing.assert_close(z, torch.cat([latents_for_seeds(seeds[:3], [3, 4, 4]),
                                              latents_for_seeds(seeds[3:], [3, 4, 4])]), rtol=0, atol=0)
-    lab = labels_for_seeds(seeds, 10)
+    lab = inputs_for_seeds(seeds, [3, 4, 4], 10).labels
     assert lab.shape == (8, 10) and torch.equal(lab.sum(1), torch.ones(8))
-    assert torch.equal(lab, torch.cat([labels_for_seeds(seeds[:5], 10), labels_for_seeds(seeds[5:], 10)]))
-    assert labels_for_seeds(seeds, 0) is None
+    assert torch.equal(lab, torch.cat([inputs_for_seeds(seeds[:5], [3, 4, 4], 10).labels,
+                                       inputs_for_seeds(seeds[5:], [3, 4, 4], 10).labels]))
+    assert inputs_for_seeds(seeds, [3, 4, 4], 0).labels is None
+
+
+def test_a_seed_is_one_generator_drawing_latent_then_label_then_sampler_noise():
+    """EDM's generate.py: torch.Generator().manual_seed(s % 2**32); randn(shape) float32; randint(label_dim)."""
+    seeds, shape = [0, 7, 1, 2 ** 32 + 7], [2, 3, 3]
+    z, lab, gens = inputs_for_seeds(seeds, shape, 5)
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(s % 2 ** 32)
+        assert torch.equal(z[i], torch.randn(shape, generator=g))
+        assert lab[i].argmax().item() == torch.randint(5, [], generator=g).item() and lab[i].sum() == 1
+        # The returned generator continues where the label left off (the stochastic sampler's noise).
+        assert torch.equal(torch.randn([4], generator=gens[i], dtype=torch.float64),
+                           torch.randn([4], generator=g, dtype=torch.float64))
+    assert torch.equal(z[1], z[3]) and torch.equal(lab[1], lab[3])  # seeds modulo 2**32, as EDM
+    assert latents_for_seeds(seeds, shape).dtype == torch.float64
+    assert torch.equal(latents_for_seeds(seeds, shape), z.double())  # an exact cast of the float32 draw
+    # A fixed class replaces the label after the draw, so the latents and the later noise are unchanged.
+    z3, lab3, gens3 = inputs_for_seeds(seeds, shape, 5, class_idx=3)
+    assert torch.equal(z3, z) and (lab3.argmax(1) == 3).all()
+    assert torch.equal(torch.randn([2], generator=gens3[0]), torch.randn([2], generator=inputs_for_seeds(
+        seeds, shape, 5).generators[0]))
+    with pytest.raises(ValueError, match='class 5'):
+        inputs_for_seeds(seeds, shape, 5, class_idx=5)
+    with pytest.raises(ValueError, match='unconditional'):
+        inputs_for_seeds(seeds, shape, 0, class_idx=0)
+
+
+def test_class_frequencies_shape_the_labels():
+    seeds = range(3000)
+    lab = inputs_for_seeds(seeds, [1], 3, probs=[0, 1, 3]).labels
+    assert lab[:, 0].sum() == 0 and abs(lab[:, 2].mean().item() - 0.75) < 0.03
+    assert (inputs_for_seeds(seeds, [1], 3, probs=[0, 0, 2]).labels.argmax(1) == 2).all()
+    uniform = inputs_for_seeds(seeds, [1], 3).labels.sum(0)
+    assert torch.all((uniform - 1000).abs() < 4 * math.sqrt(3000 * (1 / 3) * (2 / 3)))
+    for bad in ([1, 2], [-1, 1, 1], [0, 0, 0]):
+        with pytest.raises(ValueError, match='frequencies'):
+            inputs_for_seeds([0], [1], 3, probs=bad)
+
+
+def test_heun_noise_every_step_consumes_one_draw_per_step_like_edm():
+    x = latents_for_seeds([0, 1], [1, 2, 2]) * 80.0
+    sigmas = edm_sigmas(6)
+    on = [0.05 <= float(t) <= 10.0 for t in sigmas[:-1]]
+    assert 0 < sum(on) < 6
+    for churn, every, draws in ((40.0, True, 6), (40.0, False, sum(on)), (0.0, True, 0)):
+        g = torch.Generator().manual_seed(3)
+        heun_sampler(GaussianDenoiser(), x, sigmas, S_churn=churn, S_min=0.05, S_max=10.0, generator=g,
+                     noise_every_step=every)
+        ref = torch.Generator().manual_seed(3)
+        for _ in range(draws):
+            torch.randn([2, 1, 2, 2], generator=ref, dtype=torch.float64)
+        assert torch.equal(torch.rand([3], generator=g), torch.rand([3], generator=ref)), (churn, every)
+    # Draws where gamma = 0 are discarded: the result equals the sampler that draws only where gamma > 0, fed the
+    # same numbers at those steps.
+    noise = [torch.randn([2, 1, 2, 2], generator=torch.Generator().manual_seed(5 + i), dtype=torch.float64)
+             for i in range(6)]
+
+    def run(every):
+        calls = iter(noise if every else [n for n, o in zip(noise, on) if o])
+        orig = torch.randn
+        try:
+            torch.randn = lambda *a, **k: next(calls)
+            return heun_sampler(GaussianDenoiser(), x, sigmas, S_churn=40.0, S_min=0.05, S_max=10.0,
+                                generator=torch.Generator(), noise_every_step=every)[0]
+        finally:
+            torch.randn = orig
+    assert torch.equal(run(True), run(False))
 
 
 def test_uniform_and_weighted_labels():
@@ -163,13 +231,19 @@ def test_named_streams_are_distinct_where_they_share_a_key_position():
     assert rng.PHASE_FAKE != rng.PHASE_G
     assert rng.RANK_STREAM > 10 ** 6 > rng.DROPOUT_STREAM
     assert rng.STUDENT_INIT_STREAM not in (rng.PHASE_FAKE, rng.PHASE_G)
-    # Evaluation streams as documented: per seed, independent of how seeds are grouped.
-    assert [g.initial_seed() for g in rng.churn_generators([3, 4])] == [derive_seed(rng.CHURN_STREAM, s) for s in (3, 4)]
-    own = [torch.Generator().manual_seed(derive_seed(s, rng.LABEL_STREAM)) for s in (3, 4)]
-    assert torch.equal(labels_for_seeds([3, 4], 5), random_labels(2, 5, own))
+    # The training streams keep their values (runs stay reproducible).
+    assert (rng.PHASE_FAKE, rng.PHASE_G, rng.DROPOUT_STREAM, rng.RANK_STREAM, rng.STUDENT_INIT_STREAM,
+            rng.G_INIT_STREAM) == (0, 1, 7, 1_000_003, 0xC0FFEE, 0x6E1)
 
 
 def test_to_uint8_rounding_and_clipping():
     x = torch.tensor([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0])
     assert to_uint8(x).tolist() == [int(min(max(v * 127.5 + 128, 0), 255)) for v in x.tolist()]
     assert to_uint8(x).dtype == torch.uint8
+    # float32 images are quantised as EDM/SiD do it (in float64, exact for float32 input): a value just below a
+    # level boundary stays below it, where float32 arithmetic would round up onto the boundary.
+    x = torch.tensor([(k + 1 - 2 ** -17) for k in range(0, 200, 7)], dtype=torch.float64)
+    v = ((x - 128) / 127.5).float()
+    exact = [int(min(max(a * 127.5 + 128, 0), 255)) for a in v.double().tolist()]
+    assert to_uint8(v).tolist() == exact
+    assert (v * 127.5 + 128).to(torch.uint8).tolist() != exact  # float32 arithmetic would differ somewhere

@@ -1,4 +1,7 @@
-"""``python -m sidlib.distill``: run or resume SiD from a YAML/JSON config of :class:`DistillConfig` keys."""
+"""``python -m sidlib.distill``: run or resume SiD from a YAML/JSON config of :class:`DistillConfig` keys.
+
+Errors print one ``error: ...`` line and exit with status 2; ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -22,13 +25,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--run-dir', help='output / resume directory (overrides run_dir)')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                    help='override one config key (value parsed as YAML); repeatable')
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     args, rest = p.parse_known_args(argv)
+    try:
+        run_dir = _run(p, args, rest)
+    except Exception as e:  # noqa: BLE001 -- the command line's one error line
+        if args.debug:
+            raise
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 2
+    if dist_utils.env_rank() == 0:
+        print(str(run_dir))
+    return 0
+
+
+def _run(p: argparse.ArgumentParser, args, rest: List[str]):
     data: dict = {}
     if args.config:
         with open(args.config, encoding='utf-8') as f:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
-            p.error(f'{args.config}: expected a mapping of config keys')
+            raise ConfigError(f'{args.config}: expected a mapping of config keys')
     overrides = list(args.set)
     for item in rest:
         if not item.startswith('--') or '=' not in item:
@@ -41,11 +58,4 @@ def main(argv: Optional[List[str]] = None) -> int:
         data[key.strip().replace('-', '_')] = yaml.safe_load(value)
     if args.run_dir:
         data['run_dir'] = args.run_dir
-    try:
-        run_dir = distill(DistillConfig.from_dict(data))
-    except ConfigError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    if dist_utils.env_rank() == 0:
-        print(str(run_dir))
-    return 0
+    return distill(DistillConfig.from_dict(data))

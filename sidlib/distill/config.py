@@ -37,7 +37,8 @@ class ConfigError(ValueError):
 RESUMABLE_CHANGES = frozenset({
     'duration_kimg', 'iterations', 'tick_kimg', 'snap_ticks', 'state_ticks', 'numbered_state_ticks', 'run_dir',
     'eval_fn', 'eval_kwargs', 'grid_size', 'progress', 'resume', 'device', 'num_threads', 'compile', 'channels_last',
-    'attention', 'fused_adam', 'batch_gpu',
+    'attention', 'fused_adam', 'batch_gpu', 'extra_snap_ticks', 'snapshot_keep_every', 'snapshot_keep_best',
+    'snapshot_best_mode', 'max_bad_iterations',
 })
 
 
@@ -45,28 +46,32 @@ RESUMABLE_CHANGES = frozenset({
 class DistillConfig:
     """Plain-data configuration of a SiD run.
 
-    Teacher and students:
-        teacher: a :func:`sidlib.load_network` source (file, directory, URL, registered name) or the name of an
-            in-process teacher registered with :func:`sidlib.distill.register_teacher`.
-        teacher_kwargs: expected teacher constructor kwargs; a stored teacher that differs is refused.
-        student: constructor kwargs for G and the fake score: overrides of the teacher's (e.g. dropout) for
-            network teachers, the full kwargs for in-process teachers.
-        student_class: precond class of the students ('EDMPrecond').
+    Teacher and students: teacher (a :func:`sidlib.load_network` source or the name of an in-process teacher, see
+        :func:`sidlib.distill.register_teacher`), teacher_kwargs (expected constructor kwargs; a stored teacher
+        that differs is refused), student (kwargs for G and the fake score: overrides of the teacher's, or the
+        full kwargs for in-process teachers), student_class.
     SiD: alpha (1.2), tmax (800), init_sigma (2.5).
     Optimisation: batch (global), batch_gpu (micro-batch per process; None = whole per-process batch), lr / glr
-        (fake score / G), g_beta1, beta2, adam_eps (None = 1e-8, or 1e-6 for fp16), ls / lsg (loss scales),
-        dropout (None = keep the networks'), augment_p (fake-score augmentation; needs augment_dim=9),
-        ema_halflife_kimg, ema_rampup.
+        (fake score / G), g_beta1, beta2, adam_eps (None = 1e-8, or 1e-6 for fp16 as SiD), ls / lsg (static loss
+        scales), loss_scaler ('static': SiD's, non-finite gradient elements replaced NaN -> 0, +-Inf -> +-1e5 and
+        every step taken; 'dynamic': torch's GradScaler on top, which skips steps with non-finite gradients,
+        counted as skipped_steps_*), dropout (None = keep the networks'), augment_p (fake-score augmentation;
+        needs augment_dim=9), ema_halflife_kimg, ema_rampup.
     Length and bookkeeping: iterations or duration_kimg (exactly one), tick_kimg, snap_ticks (G_ema snapshot +
-        grid + eval every N ticks, 0 = only at the end), state_ticks (training state every N ticks and at the
-        end), numbered_state_ticks (also keep training-state-<kimg>.pt every N ticks; 0 = never).
+        grid + eval every N ticks and at the end; 0 = only at the end), extra_snap_ticks (further ticks with one;
+        SiD's loop: [0, 10, ..., 100] with snap_ticks 50), snapshot_keep_every (retention: keep every N-th
+        snapshot, the newest and, with snapshot_keep_best, the best by that key of the eval result
+        (snapshot_best_mode 'min' | 'max'); delete the others; 0 = keep all), state_ticks (training state every N
+        ticks and at the end), numbered_state_ticks (also keep training-state-<kimg>.pt every N ticks; 0 = never),
+        max_bad_iterations (stop with an error after this many consecutive iterations in which a phase kept no
+        sample or had a non-finite loss, checked every tick; 0 = never).
     Randomness: seed, rng ('per_sample' | 'per_batch' | 'per_rank', see :mod:`sidlib.rng`), label_probs (class
         probabilities; None = uniform).
     Start: g_init (None = G and the fake score start as copies of the teacher; a mapping of
         :data:`G_INIT_DEFAULTS` keys = regress G on the teacher's own sampler first, see :mod:`sidlib.distill.init`).
-    Numerics / performance: precision ('fp32' | 'bf16' | 'fp16': how all four networks compute), device ('auto' |
-        'cpu' | 'cuda' | 'cuda:N'), channels_last, compile, attention (None | 'math' | 'sdpa'), fused_adam,
-        num_threads.
+    Numerics / performance: precision ('fp32' | 'bf16' | 'fp16', see :func:`sidlib.networks.set_precision`),
+        device ('auto' | 'cpu' | 'cuda' | 'cuda:N'), channels_last, compile, attention (None = the networks'
+        default, 'sdpa' | 'math'), fused_adam, num_threads.
     Outputs: run_dir, eval_fn ('package.module:function' of an installed module, called as fn(G_ema, kimg) ->
         dict at snapshots; with eval_kwargs, the named function is a factory called once as fn(**eval_kwargs)),
         grid_size (images in the PNG sample grid; 0 = none), progress (tqdm bar), resume.
@@ -88,6 +93,7 @@ class DistillConfig:
     adam_eps: Optional[float] = None
     ls: float = 1.0
     lsg: float = 100.0
+    loss_scaler: str = 'static'
     dropout: Optional[float] = None
     augment_p: float = 0.0
     ema_halflife_kimg: float = 500.0
@@ -96,8 +102,13 @@ class DistillConfig:
     duration_kimg: Optional[float] = None
     tick_kimg: float = 10.0
     snap_ticks: int = 50
+    extra_snap_ticks: Optional[list] = None
+    snapshot_keep_every: int = 0
+    snapshot_keep_best: Optional[str] = None
+    snapshot_best_mode: str = 'min'
     state_ticks: int = 10
     numbered_state_ticks: int = 0
+    max_bad_iterations: int = 20
     seed: int = 0
     rng: str = 'per_sample'
     label_probs: Optional[list] = None
@@ -165,17 +176,11 @@ class DistillConfig:
             per = self.batch_gpu if self.batch_gpu is not None else self.batch // max(world_size, 1)
             need(per > 0 and self.batch % (per * world_size) == 0, 'batch',
                  f'batch {self.batch} must be divisible by batch_gpu ({self.batch_gpu}) x world size ({world_size})')
-        for key in ('lr', 'glr'):
+        for key in ('lr', 'glr', 'ls', 'lsg', 'adam_eps'):
             v = getattr(self, key)
-            need(math.isfinite(v) and v > 0, key, f'must be a positive learning rate, got {v}')
+            need(v is None and key == 'adam_eps' or math.isfinite(v) and v > 0, key, f'must be positive, got {v}')
         for key in ('g_beta1', 'beta2'):
-            v = getattr(self, key)
-            need(0 <= v < 1, key, f'must be in [0, 1), got {v}')
-        need(self.adam_eps is None or (math.isfinite(self.adam_eps) and self.adam_eps > 0), 'adam_eps',
-             f'must be positive, got {self.adam_eps}')
-        for key in ('ls', 'lsg'):
-            v = getattr(self, key)
-            need(math.isfinite(v) and v > 0, key, f'must be a positive loss scale, got {v}')
+            need(0 <= getattr(self, key) < 1, key, f'must be in [0, 1), got {getattr(self, key)}')
         need(self.dropout is None or 0 <= self.dropout < 1, 'dropout', f'must be in [0, 1), got {self.dropout}')
         need(0 <= self.augment_p <= 1, 'augment_p', f'must be in [0, 1], got {self.augment_p}')
         need(self.ema_halflife_kimg >= 0, 'ema_halflife_kimg', f'must be >= 0, got {self.ema_halflife_kimg}')
@@ -187,14 +192,16 @@ class DistillConfig:
         need(self.duration_kimg is None or self.duration_kimg > 0, 'duration_kimg',
              f'must be positive, got {self.duration_kimg}')
         need(self.tick_kimg > 0, 'tick_kimg', f'must be positive, got {self.tick_kimg}')
-        for key in ('snap_ticks', 'state_ticks', 'numbered_state_ticks', 'grid_size'):
+        for key in ('snap_ticks', 'state_ticks', 'numbered_state_ticks', 'grid_size', 'snapshot_keep_every',
+                    'max_bad_iterations'):
             need(getattr(self, key) >= 0, key, f'must be >= 0, got {getattr(self, key)}')
+        need(self.extra_snap_ticks is None or all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                  for t in self.extra_snap_ticks), 'extra_snap_ticks',
+             f'must be a list of tick numbers >= 0, got {self.extra_snap_ticks!r}')
         need(self.seed >= 0, 'seed', f'must be >= 0, got {self.seed}')
-        need(self.rng in RNG_SCHEMES, 'rng', f"must be one of {', '.join(RNG_SCHEMES)}, got {self.rng!r}")
-        need(self.precision in ('fp32', 'bf16', 'fp16'), 'precision',
-             f"must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
-        need(self.attention in (None, 'math', 'sdpa'), 'attention',
-             f"must be null, 'math' or 'sdpa', got {self.attention!r}")
+        for key, choices in (('rng', RNG_SCHEMES), ('precision', ('fp32', 'bf16', 'fp16')), ('attention', (
+                None, 'math', 'sdpa')), ('loss_scaler', ('static', 'dynamic')), ('snapshot_best_mode', ('min', 'max'))):
+            need(getattr(self, key) in choices, key, f'must be one of {choices}, got {getattr(self, key)!r}')
         need(self.num_threads is None or self.num_threads > 0, 'num_threads', f'must be positive, got {self.num_threads}')
         if self.g_init is not None:
             bad = sorted(set(self.g_init) - set(G_INIT_DEFAULTS))

@@ -1,20 +1,14 @@
-"""A data-free start for SiD: fit G to the teacher's own sampler before distilling (``DistillConfig.g_init``).
+"""A data-free start for SiD (``DistillConfig.g_init``): fit G to the teacher's own sampler before distilling.
 
-SiD starts G and the fake score as copies of the teacher. That works when the teacher's one-step output is already
-an image-like map (U-Nets on images), but not for a teacher without weights to copy (an analytic denoiser) or when
-the random start lands far from any mode. This start uses nothing but the teacher:
+SiD starts G and the fake score as copies of the teacher, which fails for a teacher without weights to copy (an
+analytic denoiser) or a random start far from any mode. Using nothing but the teacher: (1) draw ``pairs`` latents z
+(and labels) and run EDM's Heun sampler (``heun_steps`` steps) from ``sigma_max z`` to samples x0(z); (2) regress
+``G(init_sigma z) -> x0(z)`` with Adam (``steps`` steps of ``batch`` pairs at ``lr``), so G approximates the ODE's
+transport map; (3) pre-fit the fake score to that G with ``fake_steps`` steps of its EDM loss (Adam at the config's
+``lr``); it starts from the teacher's weights, or from the fitted G for a teacher without weights.
 
-1. draw ``pairs`` latents z (and labels) and run EDM's Heun sampler of the teacher (``heun_steps`` steps,
-   ``2 heun_steps - 1`` NFE) from ``sigma_max z``, giving samples x0(z);
-2. regress ``G(init_sigma z) -> x0(z)`` with Adam (``steps`` steps of ``batch`` pairs, learning rate ``lr``): G
-   becomes an approximate deterministic transport map of the teacher's ODE;
-3. pre-fit the fake score to that G with ``fake_steps`` steps of its EDM loss (Adam at the config's ``lr``), so
-   the first generator updates see a fake score that matches G. The fake score starts from the teacher's weights
-   as usual, or, for a teacher without weights, from the fitted G.
-
-Every draw comes from ``derive_seed(seed, G_INIT_STREAM, part)`` (:mod:`sidlib.rng`). With ``cache_dir``, the
-result is stored as ``g-init-<digest>.pt`` under a digest of everything it depends on (teacher, student kwargs,
-settings, seed, init_sigma, fake-score optimiser and batch), and runs that share it load it instead of recomputing.
+Every draw comes from ``derive_seed(seed, G_INIT_STREAM, part)``. With ``cache_dir`` the result is stored as
+``g-init-<digest>.pt`` under a digest of everything it depends on, and runs that share it load it.
 """
 
 from __future__ import annotations

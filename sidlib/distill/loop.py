@@ -1,16 +1,17 @@
 """The SiD training loop (SiD's ``training/sid_training_loop.py``), in-process and under ``torchrun``.
 
-Each iteration:
+Each iteration: (1) fake-score step: ``x_g = G(init_sigma z)`` (G in eval mode, no graph), EDM loss of the fake
+score on the (augmented) ``x_g``, one Adam step; (2) generator step: G in train mode, new z and labels, SiD's
+generator loss with the teacher and the fake score frozen, one Adam step on G; (3) EMA of G. Every random draw comes
+from a named stream of :mod:`sidlib.rng`. As SiD: losses summed times the static scale ``ls`` (``lsg``) / per-process
+batch (DDP averages over processes); non-finite gradient elements replaced (NaN -> 0, +-Inf -> +-1e5), counted, and
+every step taken (``loss_scaler='dynamic'``: torch's GradScaler, whose skipped steps are counted apart); on CUDA,
+TF32 and reduced-precision fp16 reductions off.
 
-1. fake-score step: ``x_g = G(init_sigma z)`` with G in eval mode and no graph; EDM loss of the fake score on
-   (augmented) ``x_g``, fake score in train mode; one Adam step on the fake score.
-2. generator step: G in train mode (dropout on), new z and labels; SiD's generator loss with the teacher and the
-   fake score frozen in eval mode, gradients flowing through their inputs; one Adam step on G.
-3. EMA of G with half-life and ramp-up; ``images_seen += batch``.
-
-Reductions: per-element losses summed over pixels and samples, times ``ls`` (``lsg``) / per-process batch; DDP
-averages over processes. Non-finite gradient elements are replaced (NaN -> 0, +-Inf -> +-1e5, as SiD does) and
-counted. Every random draw comes from a named stream of :mod:`sidlib.rng`.
+Faults: a non-finite sample costs only its own row (:mod:`sidlib.sid_loss`); when G itself yields non-finite rows
+(NaN in G's graph), the generator step regenerates the finite rows alone (same latents, labels, noise), so G's
+gradient stays finite. :class:`TrainingFault` stops a run after ``max_bad_iterations`` consecutive iterations in
+which a phase kept no sample or had a non-finite loss.
 """
 
 from __future__ import annotations
@@ -33,28 +34,33 @@ from ..io.checkpoints import save_network
 from ..io.jsonio import write_json
 from ..io.logs import JsonlLogger
 from ..io.training_state import capture_rng, load_training_state, restore_rng, save_training_state
+from ..losses import finite_sample_mask
 from ..networks import set_attention_backend, set_precision
-from ..rng import (DROPOUT_STREAM, PHASE_FAKE, PHASE_G, RANK_STREAM, BatchStream, derive_seed, labels_for_seeds,
-                   latents_for_seeds, randn, random_labels, sample_generators)
+from ..rng import (DROPOUT_STREAM, PHASE_FAKE, PHASE_G, RANK_STREAM, BatchStream, derive_seed, inputs_for_seeds,
+                   randn, random_labels, sample_generators)
 from ..sampling import generate_onestep
 from ..sid_loss import SiDLoss
 from .config import G_INIT_DEFAULTS, ConfigError, DistillConfig, check_resume
 from .init import run_g_init
-from .setup import augment_dim, build_nets, load_eval_fn, make_adam, resolve_device
+from .setup import augment_dim, build_nets, clean_grads, load_eval_fn, make_adam, resolve_device
 
-__all__ = ['distill', 'STATE_FILE', 'LOG_FILE', 'CONFIG_FILE']
+__all__ = ['distill', 'TrainingFault', 'STATE_FILE', 'LOG_FILE', 'CONFIG_FILE']
 
 STATE_FILE = 'training-state.pt'
 LOG_FILE = 'log.jsonl'
 CONFIG_FILE = 'config.json'
 
 
+class TrainingFault(RuntimeError):
+    """The run stopped because its losses or samples were non-finite for too long (see ``max_bad_iterations``)."""
+
+
 def distill(config, run_dir: Optional[str | os.PathLike] = None, *, eval_fn: Optional[Callable] = None) -> Path:
     """Run (or resume) SiD distillation; returns the run directory.
 
-    ``config``: a :class:`DistillConfig` or a plain dict. ``run_dir`` overrides ``config.run_dir``.
-    ``eval_fn(G_ema, kimg) -> dict`` (or the config's ``eval_fn``) is called on rank 0 at every snapshot; its
-    result is logged under ``metrics``. Every validation happens before anything is computed or written.
+    ``config``: a :class:`DistillConfig` or a plain dict; ``run_dir`` overrides ``config.run_dir``. ``eval_fn(G_ema,
+    kimg) -> dict`` (or the config's ``eval_fn``) is called on rank 0 at every snapshot and logged under
+    ``metrics``. Every validation happens before anything is computed or written.
     """
     cfg = config if isinstance(config, DistillConfig) else DistillConfig.from_dict(config)
     if run_dir is not None:
@@ -63,6 +69,8 @@ def distill(config, run_dir: Optional[str | os.PathLike] = None, *, eval_fn: Opt
         raise ConfigError('run_dir: a run directory is required')
     cfg.validate(dist_utils.env_world_size())
     eval_fn = eval_fn if eval_fn is not None else load_eval_fn(cfg.eval_fn, cfg.eval_kwargs)
+    if cfg.snapshot_keep_best is not None and eval_fn is None:
+        raise ConfigError('snapshot_keep_best: needs an eval_fn whose result holds that key')
     device = resolve_device(cfg)
     run_dir = Path(cfg.run_dir)
     old_threads = torch.get_num_threads()
@@ -91,7 +99,9 @@ class TickStats:
     """Per-tick sums, kept on the device so that a tick costs one synchronisation."""
 
     NAMES = ('loss_fake', 'kept_fake', 'nan_samples_fake', 'loss_G', 'kept_G', 'nan_samples_G',
-             'nonfinite_grads_fake', 'nonfinite_grads_G')
+             'nonfinite_grads_fake', 'nonfinite_grads_G', 'skipped_steps_fake', 'skipped_steps_G', 'bad_iterations',
+             'fault')
+    PER_STEP = ('nonfinite_grads_fake', 'nonfinite_grads_G', 'skipped_steps_fake', 'skipped_steps_G')
 
     def __init__(self, device):
         self.sums = torch.zeros(len(self.NAMES), dtype=torch.float64, device=device)
@@ -100,30 +110,26 @@ class TickStats:
         self.sums[self.NAMES.index(name)] += value
 
     def collect(self, world: int) -> dict:
-        """Sums over all processes, then reset. Gradient counts are per step, identical on every rank."""
+        """Sums over all processes, then reset (per-step counts are identical on every rank)."""
         out = dict(zip(self.NAMES, dist_utils.all_reduce_sum(self.sums.clone()).tolist()))
         self.sums.zero_()
-        for k in ('nonfinite_grads_fake', 'nonfinite_grads_G'):
-            out[k] /= world
-        return out
+        return {k: v / world if k in self.PER_STEP else v for k, v in out.items()}
 
 
 def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state: Optional[dict], eval_fn) -> Path:
-    # ---- set-up ---------------------------------------------------------------------------------------------
     rank, world = dist_utils.rank(), dist_utils.world_size()
     main_proc = rank == 0
     if device.type == 'cuda':
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = False  # SiD disables TF32 so that fp32 means fp32
+        torch.backends.cuda.matmul.allow_tf32 = False  # as SiD: fp32 means fp32, fp16 sums are not shortened
         torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist_utils.barrier()
 
     teacher, G, fake = nets.teacher, nets.G, nets.fake
-    teacher.eval().requires_grad_(False).to(device)
-    G.to(device)
-    fake.to(device)
+    teacher.eval().requires_grad_(False).to(device), G.to(device), fake.to(device)
     mem_fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     for net in (teacher, G, fake):
         set_precision(net, cfg.precision)
@@ -140,12 +146,12 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
     eps = cfg.resolved_adam_eps()
     opt_fake = make_adam(fake.parameters(), cfg.lr, (0.0, cfg.beta2), eps, cfg.fused_adam)
     opt_G = make_adam(G.parameters(), cfg.glr, (cfg.g_beta1, cfg.beta2), eps, cfg.fused_adam)
-    scaler_fake = torch.amp.GradScaler(device.type, enabled=cfg.precision == 'fp16')
-    scaler_G = torch.amp.GradScaler(device.type, enabled=cfg.precision == 'fp16')
+    scaler_fake, scaler_G = (torch.amp.GradScaler(device.type, enabled=cfg.loss_scaler == 'dynamic') for _ in 'fG')
 
     logger = JsonlLogger(run_dir / LOG_FILE, enabled=main_proc)
-    totals = {'nan_samples_fake': 0, 'nan_samples_G': 0, 'nonfinite_grads_fake': 0, 'nonfinite_grads_G': 0}
-    start_it, cur_nimg, tick, tick_start_nimg = 0, 0, 0, 0
+    totals = {k: 0 for k in ('nan_samples_fake', 'nan_samples_G', 'nonfinite_grads_fake', 'nonfinite_grads_G',
+                             'skipped_steps_fake', 'skipped_steps_G', 'bad_iterations')}
+    start_it, cur_nimg, tick, tick_start_nimg, snapshots = 0, 0, 0, 0, []
     if state is not None:
         for obj, key in ((G, 'G'), (fake, 'fake'), (G_ema, 'G_ema'), (opt_G, 'opt_G'), (opt_fake, 'opt_fake'),
                          (scaler_G, 'scaler_G'), (scaler_fake, 'scaler_fake')):
@@ -154,6 +160,7 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
         start_it, cur_nimg = int(state['iteration']), int(state['images_seen'])
         tick, tick_start_nimg = int(state['tick']), int(state['tick_start_nimg'])
         totals.update({k: int(v) for k, v in state['totals'].items()})
+        snapshots = list(state.get('snapshots', []))
         logger.truncate_after(start_it)
     elif main_proc:
         write_json(run_dir / CONFIG_FILE, cfg.to_dict())
@@ -182,7 +189,7 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
     label_dim = int(getattr(teacher, 'label_dim', 0) or 0)
 
     def draw(it, phase, r, batch_stream):
-        """This micro-batch's random stream, its class labels and latents, and the dropout reseed."""
+        """This micro-batch's random stream, labels and latents; reseeds dropout. Again: the same draws."""
         first = rank * per_rank + r * micro
         if cfg.rng == 'per_batch':
             gens = batch_stream.view(first, micro)
@@ -196,17 +203,23 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
         torch.manual_seed(derive_seed(cfg.seed, it, phase, DROPOUT_STREAM, rank, r))
         return gens, labels, z
 
-    def no_sync_unless_last(module, r):
-        # Gradient accumulation: DDP all-reduces only on the last micro-batch.
+    def no_sync_unless_last(module, r):  # gradient accumulation: DDP all-reduces on the last micro-batch only
         return module.no_sync() if module is not None and r < rounds - 1 else contextlib.nullcontext()
 
-    def snapshot(it_done):
+    def snapshot(it_done, metrics):
         kimg = cur_nimg // 1000
         meta = {'init_sigma': cfg.init_sigma, 'alpha': cfg.alpha, 'tmax': cfg.tmax, 'kimg': cur_nimg / 1000,
                 'images_seen': cur_nimg, 'iteration': it_done, 'teacher': nets.provenance,
                 'precision': cfg.precision, 'seed': cfg.seed}
-        save_network(run_dir / f'network-snapshot-{kimg:06d}', G_ema, meta=meta)
+        name = f'network-snapshot-{kimg:06d}'
+        save_network(run_dir / name, G_ema, meta=meta)
         _save_grid(run_dir / f'samples-{kimg:06d}.png', G_ema, cfg, label_dim, device, micro)
+        value = (metrics or {}).get(cfg.snapshot_keep_best) if cfg.snapshot_keep_best else None
+        value = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+        index = snapshots[-1]['index'] + 1 if snapshots else 0  # the newest is always kept
+        snapshots[:] = [s for s in snapshots if s['name'] != name]  # overwritten (two snapshots in one kimg)
+        snapshots.append({'name': name, 'tick': tick, 'index': index, 'metric': value})
+        return _apply_retention(run_dir, snapshots, cfg)
 
     def training_state(it_done):
         return {'G': G.state_dict(), 'fake': fake.state_dict(), 'G_ema': G_ema.state_dict(),
@@ -214,18 +227,32 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
                 'scaler_G': scaler_G.state_dict(), 'scaler_fake': scaler_fake.state_dict(),
                 'rng': capture_rng(), 'iteration': it_done, 'images_seen': cur_nimg, 'tick': tick,
                 'tick_start_nimg': tick_start_nimg, 'totals': dict(totals), 'config': cfg.to_dict(),
+                'snapshots': copy.deepcopy(snapshots),
                 # Every stream is a pure function of (seed, iteration, phase, index): the position is the iteration.
                 'streams': {'scheme': cfg.rng, 'seed': cfg.seed, 'position': it_done},
                 'world_size': world, 'teacher': nets.provenance}
+
+    def step(opt, scaler, params, kind):  # a dynamic scaler may skip the step
+        bad = clean_grads(params, scaler if scaler.is_enabled() else None, opt)
+        stats.add(f'nonfinite_grads_{kind}', bad)
+        if scaler.is_enabled():
+            stats.add(f'skipped_steps_{kind}', (bad > 0).double())
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
 
     if state is None and main_proc and cfg.grid_size > 0:
         _save_grid(run_dir / 'fakes_init.png', G_ema, cfg, label_dim, device, micro)
     pbar = tqdm(total=total_iters, initial=start_it, disable=not (main_proc and cfg.progress), unit='it',
                 dynamic_ncols=True, desc='SiD')
     stats = TickStats(device)
+    streak = torch.zeros((), dtype=torch.float64, device=device)  # consecutive bad iterations, on the device
+    snap_at = set(cfg.extra_snap_ticks or ())
     tick_t0, tick_iters = time.time(), 0
 
     for it in range(start_it, total_iters):
+        it_sums = torch.zeros(4, dtype=torch.float64, device=device)  # kept_fake, loss_fake, kept_G, loss_G
         # ---- 1. fake-score step ----------------------------------------------------------------------------
         G.eval()
         fake.train().requires_grad_(True)
@@ -238,11 +265,10 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
             with no_sync_unless_last(ddp_fake, r):
                 loss, keep = sid_loss.fake_score_loss(fake_train, x_g, labels, generator=gens)
                 scaler_fake.scale(loss.sum() * (cfg.ls / per_rank)).backward()
-            stats.add('loss_fake', loss.detach().sum().double())
-            stats.add('kept_fake', keep.sum())
+            it_sums[:2] += torch.stack([keep.sum(), loss.detach().sum()]).double()
             stats.add('nan_samples_fake', (~keep).sum())
         fake.eval().requires_grad_(False)
-        stats.add('nonfinite_grads_fake', _optimizer_step(opt_fake, scaler_fake, list(fake.parameters())).to(device))
+        step(opt_fake, scaler_fake, list(fake.parameters()), 'fake')
 
         # ---- 2. generator step -----------------------------------------------------------------------------
         G.train().requires_grad_(True)
@@ -253,22 +279,36 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
             with no_sync_unless_last(ddp_G, r):
                 x_g = generate_onestep(G_train, z, cfg.init_sigma, labels)
                 loss, keep = sid_loss.generator_loss(teacher_run, fake_eval, x_g, labels, generator=gens)
+                if not bool(keep.all()) and not bool(finite_sample_mask(x_g).all()):
+                    # NaN inside G: its graph would turn the dropped rows' zero gradient into NaN. Regenerate
+                    # the finite rows alone, with this micro-batch's draws again.
+                    ok = finite_sample_mask(x_g).nonzero().squeeze(1)
+                    gens, labels, z = draw(it, PHASE_G, r, stream)
+                    x_ok = generate_onestep(G_train, z[ok], cfg.init_sigma, None if labels is None else labels[ok])
+                    x_g = torch.full_like(x_g, math.nan).index_put((ok,), x_ok)
+                    loss, keep = sid_loss.generator_loss(teacher_run, fake_eval, x_g, labels, generator=gens)
                 scaler_G.scale(loss.sum() * (cfg.lsg / per_rank)).backward()
-            stats.add('loss_G', loss.detach().sum().double())
-            stats.add('kept_G', keep.sum())
+            it_sums[2:] += torch.stack([keep.sum(), loss.detach().sum()]).double()
             stats.add('nan_samples_G', (~keep).sum())
         G.eval()
-        stats.add('nonfinite_grads_G', _optimizer_step(opt_G, scaler_G, list(G.parameters())).to(device))
+        step(opt_G, scaler_G, list(G.parameters()), 'G')
 
-        # ---- 3. EMA ----------------------------------------------------------------------------------------
+        # ---- 3. EMA, fault bookkeeping ---------------------------------------------------------------------
         beta = ema_beta(cfg.batch, cur_nimg, cfg.ema_halflife_kimg, cfg.ema_rampup)
         update_ema(G_ema, G, beta)
         cur_nimg += cfg.batch
         it_done = it + 1
         tick_iters += 1
         pbar.update(1)
+        for i, name in enumerate(('kept_fake', 'loss_fake', 'kept_G', 'loss_G')):
+            stats.add(name, it_sums[i])
+        bad = ((it_sums[0::2] == 0) | ~torch.isfinite(it_sums[1::2])).any().double()
+        streak = (streak + 1) * bad
+        stats.add('bad_iterations', bad)
+        if cfg.max_bad_iterations > 0:
+            stats.add('fault', (streak >= cfg.max_bad_iterations).double())
 
-        # ---- tick maintenance: log, snapshot + evaluation, training state ----------------------------------
+        # ---- tick maintenance: log, fault check, snapshot + evaluation, retention, training state ----------
         done = it_done == total_iters
         if not (tick == 0 or done or cur_nimg >= tick_start_nimg + cfg.tick_kimg * 1000):
             continue
@@ -278,22 +318,35 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
         dt = time.time() - tick_t0
         record = {
             'tick': tick, 'iteration': it_done, 'images_seen': cur_nimg, 'kimg': cur_nimg / 1000,
-            'loss_fake': s['loss_fake'] / max(s['kept_fake'], 1), 'loss_G': s['loss_G'] / max(s['kept_G'], 1),
+            'loss_fake': s['loss_fake'] / s['kept_fake'] if s['kept_fake'] else None,
+            'loss_G': s['loss_G'] / s['kept_G'] if s['kept_G'] else None,
             **{k: int(s[k]) for k in totals}, 'totals': dict(totals), 'ema_beta': beta, 'sec_per_tick': dt,
             'sec_per_iter': dt / max(tick_iters, 1), 'images_per_sec': tick_iters * cfg.batch / max(dt, 1e-9),
             'loss_scale_G': float(scaler_G.get_scale()) if scaler_G.is_enabled() else None, 'time': time.time(),
         }
         if device.type == 'cuda':
             record['peak_mem_gb'] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        if done or (cfg.snap_ticks > 0 and tick % cfg.snap_ticks == 0):
+        if s['fault'] > 0:
             if main_proc:
-                snapshot(it_done)
-                if eval_fn is not None:
-                    record['metrics'] = dict(eval_fn(G_ema, cur_nimg / 1000) or {})
+                logger.log({**record, 'fault': True})
+            raise TrainingFault(
+                f'{cfg.max_bad_iterations} consecutive iterations (up to iteration {it_done}) kept no sample in a '
+                f'phase or had a non-finite loss; this tick kept {int(s["kept_fake"])} fake-score and '
+                f'{int(s["kept_G"])} generator samples of {tick_iters * cfg.batch} each (non-finite teacher, G or '
+                f'fake-score outputs?). Set max_bad_iterations=0 to run on regardless.')
+        if done or (cfg.snap_ticks > 0 and tick % cfg.snap_ticks == 0) or tick in snap_at:
+            if main_proc:
+                metrics = dict(eval_fn(G_ema, cur_nimg / 1000) or {}) if eval_fn is not None else None
+                if metrics is not None:
+                    record['metrics'] = metrics
+                deleted = snapshot(it_done, metrics)
+                if deleted:
+                    record['snapshots_deleted'] = deleted
             dist_utils.barrier()
         if main_proc:
             logger.log(record)
-            pbar.set_postfix(loss_fake=f"{record['loss_fake']:.4g}", loss_G=f"{record['loss_G']:.4g}", refresh=False)
+            pbar.set_postfix(loss_fake=f"{record['loss_fake'] or 0:.4g}", loss_G=f"{record['loss_G'] or 0:.4g}",
+                             refresh=False)
         tick += 1
         tick_start_nimg = cur_nimg
         tick_t0, tick_iters = time.time(), 0
@@ -308,39 +361,27 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
     return run_dir
 
 
-def _clean_grads(params) -> torch.Tensor:
-    """Count non-finite gradient elements and replace them (NaN -> 0, +-Inf -> +-1e5, as SiD does).
-
-    One fused finiteness check over all gradients (GradScaler's kernel with scale 1, which is exact); the
-    element-wise count and replacement run only when something was found.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.long)
-    dev = grads[0].device
-    found = torch.zeros(1, device=dev)
-    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=dev))
-    if found.item() == 0:
-        return torch.zeros((), dtype=torch.long, device=dev)
-    bad = torch.zeros((), dtype=torch.long, device=dev)
-    for g in grads:
-        bad += (~torch.isfinite(g)).sum()
-        torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
-    return bad
-
-
-def _optimizer_step(opt, scaler, params) -> torch.Tensor:
-    if scaler.is_enabled():
-        # Unscale first so that the counted and cleaned values are real gradients; the scaler still skips the
-        # step (and lowers its scale) when unscale_ found Inf/NaN.
-        scaler.unscale_(opt)
-    bad = _clean_grads(params)
-    if scaler.is_enabled():
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
-    return bad
+def _apply_retention(run_dir: Path, snapshots: list, cfg: DistillConfig) -> list:
+    """Delete the snapshots the retention policy lets go (``DistillConfig``); returns their names. Files leave by
+    atomic renames, sidecar first, so a reader never finds a sidecar without its weights."""
+    if cfg.snapshot_keep_every <= 0 or len(snapshots) < 2:
+        return []
+    keep = {snapshots[-1]['name']} | {s['name'] for s in snapshots if s['index'] % cfg.snapshot_keep_every == 0}
+    scored = [s for s in snapshots if s['metric'] is not None]
+    if cfg.snapshot_keep_best and scored:
+        sign = 1 if cfg.snapshot_best_mode == 'min' else -1
+        keep.add(min(scored, key=lambda s: (sign * s['metric'], s['index']))['name'])
+    gone = [s for s in snapshots if s['name'] not in keep]
+    trash = run_dir / '.deleting'
+    trash.mkdir(exist_ok=True)
+    for s in gone:
+        for f in (f"{s['name']}.json", f"{s['name']}.safetensors", f"samples-{s['name'].rsplit('-', 1)[1]}.png"):
+            if (run_dir / f).exists():
+                os.replace(run_dir / f, trash / f)
+    for f in trash.iterdir():  # also what an interrupted deletion left
+        f.unlink()
+    snapshots[:] = [s for s in snapshots if s['name'] in keep]
+    return [s['name'] for s in gone]
 
 
 @torch.no_grad()
@@ -353,8 +394,9 @@ def _save_grid(path: Path, G_ema, cfg: DistillConfig, label_dim: int, device, ch
 
     from ..io.atomic import atomic_path
     seeds = list(range(cfg.grid_size))
-    imgs = [generate_onestep(G_ema, latents_for_seeds(s, [C, R, R], device=device), cfg.init_sigma,
-                             labels_for_seeds(s, label_dim, device=device)).float().cpu()
-            for s in (seeds[i:i + chunk] for i in range(0, len(seeds), chunk))]
+    imgs = []
+    for i in range(0, len(seeds), chunk):
+        inputs = inputs_for_seeds(seeds[i:i + chunk], [C, R, R], label_dim, device)
+        imgs.append(generate_onestep(G_ema, inputs.latents, cfg.init_sigma, inputs.labels).float().cpu())
     with atomic_path(path) as tmp:
         save_image((torch.cat(imgs).clamp(-1, 1) + 1) / 2, tmp, format='png', nrow=math.ceil(math.sqrt(len(seeds))))

@@ -1,4 +1,5 @@
-"""Everything a SiD run needs before its first iteration: the teacher, the two students, the device, the optimisers.
+"""What a SiD run needs before its first iteration (the teacher, the two students, the device, the optimisers) and
+SiD's gradient cleaning before each optimiser step.
 
 SiD initialises both the generator G and the fake score from the teacher's weights (SiD's
 ``training/sid_training_loop.py``). A teacher without weights to copy (an analytic denoiser registered with
@@ -24,7 +25,7 @@ from ..rng import STUDENT_INIT_STREAM, derive_seed
 from .config import ConfigError, DistillConfig, normalise
 
 __all__ = ['Nets', 'register_teacher', 'registered_teachers', 'build_nets', 'resolve_device', 'make_adam',
-           'load_eval_fn', 'augment_dim']
+           'clean_grads', 'load_eval_fn', 'augment_dim']
 
 _TEACHER_FACTORIES: Dict[str, Callable[[], torch.nn.Module]] = {}
 
@@ -74,9 +75,17 @@ def _is_checkpoint_source(src: str) -> bool:
 
 
 def build_nets(cfg: DistillConfig) -> Nets:
-    """Load or instantiate the teacher and build G and the fake score; raises ConfigError on bad input."""
-    if cfg.teacher in _TEACHER_FACTORIES:
-        return _in_process_nets(cfg)
+    """Load or instantiate the teacher and build G and the fake score; raises ConfigError on bad input (also on a
+    NaN or infinite weight: such a run would only drop samples)."""
+    nets = _in_process_nets(cfg) if cfg.teacher in _TEACHER_FACTORIES else _checkpoint_nets(cfg)
+    for name, net in (('teacher', nets.teacher), ('student', nets.G)):
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in [*net.parameters(), *net.buffers()] if t.is_floating_point())
+        if bad:
+            raise ConfigError(f'{name}: {bad} weight elements are NaN or infinite')
+    return nets
+
+
+def _checkpoint_nets(cfg: DistillConfig) -> Nets:
     if not _is_checkpoint_source(cfg.teacher):
         raise ConfigError(f'teacher: unknown teacher {cfg.teacher!r}: not a file, directory, URL, registered '
                           f'checkpoint name, or in-process teacher ({registered_teachers()})')
@@ -150,6 +159,26 @@ def resolve_device(cfg: DistillConfig) -> torch.device:
 
 def make_adam(params, lr: float, betas, eps: float, fused: bool) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, **({'fused': True} if fused else {}))
+
+
+def clean_grads(params, scaler=None, opt=None) -> torch.Tensor:
+    """Count non-finite gradient elements and replace them (NaN -> 0, +-Inf -> +-1e5, as SiD); a dynamic scaler
+    unscales first (and still skips the step). One fused check (GradScaler's kernel with scale 1, exact) first."""
+    if scaler is not None:
+        scaler.unscale_(opt)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.long)
+    dev = grads[0].device
+    found = torch.zeros(1, device=dev)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=dev))
+    bad = torch.zeros((), dtype=torch.long, device=dev)
+    if found.item() == 0:
+        return bad
+    for g in grads:
+        bad += (~torch.isfinite(g)).sum()
+        torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
+    return bad
 
 
 def load_eval_fn(spec: Optional[str], kwargs: Optional[dict] = None) -> Optional[Callable]:

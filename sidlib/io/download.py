@@ -1,32 +1,21 @@
 """Cached, checksummed, atomic downloads of checkpoints (``file://`` and ``http(s)://``).
 
-Cache layout (``cache_dir`` argument, else ``$SIDLIB_CACHE``, else ``~/.cache/sidlib``)::
-
-    <cache>/<first 16 hex of sha256(url)>/<file name>          the downloaded file
-    <cache>/<first 16 hex of sha256(url)>/<file name>.sha256   "<hex digest>  <file name>"
-
-The file is streamed into a temporary file in the same folder, hashed on the fly, checked against
-the expected digest if one was given, and only then renamed into place; the ``.sha256`` record is
-written after it (``sha256sum -c`` can check it). A file without a record therefore counts as an
-incomplete download.
-
-Reuse: a cached file is re-hashed when it is reused (once per process while its size, mtime and
-inode stay the same).
-
-* recorded digest matches the file, and (if given) the expected digest -> reused;
-* recorded digest no longer matches the file (edited or damaged on disk) -> the entry is discarded
-  with a warning and downloaded again (the URL is the source of truth; the expected digest, when
-  given, still guards the fresh copy);
-* the file is intact but differs from the expected digest (upstream changed, or a different pin)
-  -> downloaded again; if the fresh copy also differs, :class:`ChecksumError` is raised and no
-  cache entry is left behind.
-
-Concurrent downloads of the same URL (e.g. several ranks) are safe but redundant: each writes its
-own temporary file and the last rename wins with identical content.
+Cache (``cache_dir``, else ``$SIDLIB_CACHE``, else ``~/.cache/sidlib``): ``<cache>/<16 hex of sha256(url)>/<name>``,
+beside it ``<name>.sha256`` (``"<digest>  <name>"``, for ``sha256sum -c``) and ``<name>.lock``. Under an ``flock`` of
+the lock (concurrent calls for one URL take turns; the later ones find the entry complete), leftover ``.partial``
+files of killed attempts are removed, the URL is streamed into a ``.partial`` file, hashed, and renamed into place
+once complete and matching the expected digest, if one was given; the record is written last, and a file without
+one counts as incomplete. Complete means the announced ``Content-Length``, a chunked transfer that ended properly,
+or the pinned digest. A transfer with neither length nor chunks (HTTP/1.0 style: the closing connection ends the
+data) cannot show a truncation: the file is returned with a warning but not recorded, so the next call fetches it
+again; pin its ``sha256`` to cache it. A reused entry is re-hashed (once per process while its size, mtime and
+inode stay the same); a damaged one is fetched again with a warning, and one that differs from the expected digest
+is fetched again, raising :class:`ChecksumError` and caching nothing if the fresh copy differs too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -39,9 +28,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .atomic import atomic_open, atomic_write_text
+from .atomic import TEMP_SUFFIX, atomic_open, atomic_write_text
 
-__all__ = ["download", "default_cache_dir", "cache_path_for", "file_sha256", "DownloadError",
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; concurrent downloads of one URL are then only atomic, not serialised
+    fcntl = None
+
+__all__ = ["download", "default_cache_dir", "cache_path_for", "cache_lock", "file_sha256", "DownloadError",
            "ChecksumError", "CACHE_ENV_VAR"]
 
 CACHE_ENV_VAR = "SIDLIB_CACHE"
@@ -51,7 +45,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class DownloadError(OSError):
-    """A URL could not be fetched completely."""
+    """A URL could not be fetched completely, or the cache cannot be used (names the URL or path)."""
 
 
 class ChecksumError(DownloadError):
@@ -64,17 +58,12 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sidlib"
 
 
-def _file_name(url: str) -> str:
-    parsed = urllib.parse.urlparse(url)
-    name = urllib.parse.unquote(Path(parsed.path).name)
-    name = re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".")
-    return name or "download"
-
-
 def cache_path_for(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where :func:`download` keeps ``url`` (the file may not exist yet)."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / hashlib.sha256(url.encode("utf-8")).hexdigest()[:16] / _file_name(url)
+    name = urllib.parse.unquote(Path(urllib.parse.urlparse(url).path).name)
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".") or "download"
+    return root / hashlib.sha256(url.encode("utf-8")).hexdigest()[:16] / name
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -86,118 +75,100 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-# Digests this process already computed, keyed by path and (size, mtime_ns, inode): re-hashing a
-# multi-GB teacher on every load in one process buys nothing unless the file changed.
+@contextlib.contextmanager
+def cache_lock(path: Path):
+    """Hold the lock of cache entry ``path``; removes the leftover ``.partial`` files in its folder (only holders of
+    the lock write there)."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise DownloadError(f"cache directory {lock.parent} is not usable: {e.strerror or e}") from None
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        for leftover in lock.parent.glob("*" + TEMP_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# Digests this process computed, by path and (size, mtime_ns, inode): re-hashing a multi-GB teacher buys nothing.
 _VERIFIED: dict[Path, tuple[tuple, str]] = {}
 
 
-def _stat_key(path: Path) -> tuple:
-    st = path.stat()
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
-
-
 def _verified_sha256(path: Path) -> str:
-    key = _stat_key(path)
-    hit = _VERIFIED.get(path)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    digest = file_sha256(path)
-    _VERIFIED[path] = (key, digest)
-    return digest
-
-
-def _record_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+    st = path.stat()
+    key = (st.st_size, st.st_mtime_ns, st.st_ino)
+    if _VERIFIED.get(path, (None,))[0] != key:
+        _VERIFIED[path] = (key, file_sha256(path))
+    return _VERIFIED[path][1]
 
 
 def _read_record(path: Path) -> str | None:
     try:
-        text = _record_path(path).read_text(encoding="utf-8").split()
+        text = path.with_name(path.name + ".sha256").read_text(encoding="utf-8").split()
     except (FileNotFoundError, UnicodeDecodeError):
         return None
     return text[0].lower() if text and _HEX64.match(text[0].lower()) else None
 
 
-def _discard(path: Path) -> None:
-    _VERIFIED.pop(path, None)
-    for p in (path, _record_path(path)):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def _normalise_expected(sha256: str | None) -> str | None:
-    if sha256 is None:
-        return None
-    value = sha256.strip().lower()
-    if not _HEX64.match(value):
-        raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
-    return value
-
-
 def download(url: str, *, sha256: str | None = None, cache_dir: str | os.PathLike | None = None,
              progress: bool = True) -> Path:
-    """Return a local path holding the content of ``url``, downloading it once.
-
-    Args:
-        url: ``file://``, ``http://`` or ``https://`` URL.
-        sha256: expected hex digest; a mismatch raises :class:`ChecksumError` and caches nothing.
-        cache_dir: cache root; default ``$SIDLIB_CACHE`` or ``~/.cache/sidlib``.
-        progress: show a tqdm progress bar (bytes) on stderr.
-
-    Raises:
-        ValueError: unsupported URL scheme or malformed ``sha256``.
-        DownloadError: the transfer failed or was incomplete (nothing is cached).
-        ChecksumError: the content does not match ``sha256`` (nothing is cached).
-    """
+    """A local path holding the content of ``url`` (``file://``, ``http://``, ``https://``), downloaded once;
+    ``sha256``: expected hex digest; ``progress``: a tqdm bar on stderr. Raises ValueError (scheme, malformed
+    ``sha256``), :class:`DownloadError` or :class:`ChecksumError`; nothing is cached then."""
     scheme = urllib.parse.urlparse(url).scheme.lower()
     if scheme not in ("file", "http", "https"):
         raise ValueError(f"unsupported URL scheme {scheme!r} in {url!r} (use file://, http:// or https://)")
-    expected = _normalise_expected(sha256)
+    expected = None if sha256 is None else sha256.strip().lower()
+    if expected is not None and not _HEX64.match(expected):
+        raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
     path = cache_path_for(url, cache_dir)
-
-    if path.exists():
-        recorded = _read_record(path)
-        actual = _verified_sha256(path)
-        if recorded is None:
-            pass  # no record: an interrupted earlier run; fetch again below
-        elif recorded != actual:
-            warnings.warn(f"cached {path} no longer matches its recorded sha256 "
-                          f"({actual} != {recorded}); downloading it again", RuntimeWarning,
-                          stacklevel=2)
-        elif expected is None or actual == expected:
-            return path
-        _discard(path)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    actual = _fetch(url, path, expected, progress)
-    atomic_write_text(_record_path(path), f"{actual}  {path.name}\n")
-    _VERIFIED[path] = (_stat_key(path), actual)
+    with cache_lock(path):
+        try:
+            if path.exists():
+                recorded, actual = _read_record(path), _verified_sha256(path)
+                if recorded is not None and recorded != actual:
+                    warnings.warn(f"cached {path} no longer matches its recorded sha256 ({actual} != {recorded}); "
+                                  "downloading it again", RuntimeWarning, stacklevel=2)
+                elif recorded is not None and expected in (None, actual):
+                    return path
+                _VERIFIED.pop(path, None)  # no record: an interrupted or unverifiable earlier download
+                for p in (path, path.with_name(path.name + ".sha256")):
+                    p.unlink(missing_ok=True)
+            actual, complete = _fetch(url, path, expected, progress)
+            st = path.stat()
+            _VERIFIED[path] = ((st.st_size, st.st_mtime_ns, st.st_ino), actual)
+            if complete:
+                atomic_write_text(path.with_name(path.name + ".sha256"), f"{actual}  {path.name}\n")
+            else:
+                warnings.warn(f"{url} was served without a length, so a truncated transfer cannot be told from a "
+                              f"complete one; {path} is used once and not recorded as complete (pass sha256= to pin "
+                              "and cache it)", RuntimeWarning, stacklevel=2)
+        except DownloadError:
+            raise
+        except OSError as e:
+            raise DownloadError(f"cache entry {path} is not usable: {e}") from e
     return path
 
 
-def _fetch(url: str, path: Path, expected: str | None, progress: bool) -> str:
-    """Stream ``url`` into ``path`` atomically; returns the sha256 of what was written.
-
-    The temporary file lives beside ``path`` and is renamed onto it only after the transfer is
-    complete and the digest matches ``expected`` (if given); on any failure it is removed and
-    ``path`` is not created.
-    """
+def _fetch(url: str, path: Path, expected: str | None, progress: bool) -> tuple[str, bool]:
+    """Stream ``url`` into ``path`` atomically (not created on any failure); ``(sha256, verified complete)``."""
     h = hashlib.sha256()
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "sidlib"})
         with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
             total = response.headers.get("Content-Length")
             total = int(total) if total and total.isdigit() else None
+            chunked = getattr(response, "chunked", False)  # http.client raises IncompleteRead on a cut-off chunk
             received = 0
-            with atomic_open(path, "wb") as out, tqdm(
-                    total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name,
-                    disable=not progress, leave=False) as bar:
-                while True:
-                    chunk = response.read(_CHUNK)
-                    if not chunk:
-                        break
+            with atomic_open(path, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                                      desc=path.name, disable=not progress, leave=False) as bar:
+                for chunk in iter(lambda: response.read(_CHUNK), b""):
                     out.write(chunk)
                     h.update(chunk)
                     received += len(chunk)
@@ -205,10 +176,10 @@ def _fetch(url: str, path: Path, expected: str | None, progress: bool) -> str:
                 if total is not None and received != total:
                     raise DownloadError(f"incomplete download of {url}: got {received} of {total} bytes")
                 if expected is not None and h.hexdigest() != expected:
-                    raise ChecksumError(f"sha256 mismatch for {url}: expected {expected}, got "
-                                        f"{h.hexdigest()}; the file was refused and not cached")
+                    raise ChecksumError(f"sha256 mismatch for {url}: expected {expected}, got {h.hexdigest()}; "
+                                        "the file was refused and not cached")
     except DownloadError:
         raise
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        raise DownloadError(f"could not download {url}: {e}") from e
-    return h.hexdigest()
+        raise DownloadError(f"could not download {url} into {path}: {e}") from e
+    return h.hexdigest(), expected is not None or total is not None or bool(chunked)

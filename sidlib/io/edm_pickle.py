@@ -1,52 +1,48 @@
-"""Read EDM / SiD network pickles without importing or running anything stored in them.
+"""Read EDM / SiD network pickles without running anything stored in them.
 
-EDM's ``torch_utils.persistence`` pickles every network object as a call
-``_reconstruct_persistent_obj(meta)`` whose ``meta['module_src']`` is the full Python source of
-the defining module; NVIDIA's loader executes that source. This module never does. A restricted
-:class:`pickle.Unpickler` resolves only the handful of globals such pickles contain (the list
-below); each persistent object becomes an inert :class:`PersistentRecord` holding the class name
-and the instance ``__dict__`` (``state``); tensor storages, legacy ``torch.save`` blobs, are read by
-``torch.load(weights_only=True)`` after a size check. Any other global (``os.system``, ``builtins.eval``,
-``subprocess.Popen``, ...) raises :class:`UnsafePickleError` naming it, at the moment the
-unpickler resolves the name, i.e. before the object could be called.
-
-Public API:
-
-* :func:`read_edm_pickle` -- file / bytes -> the top-level dict (``{'ema': PersistentRecord, ...}``).
-* :func:`network_from_record` -- record -> ``(class_name, init_kwargs, state_dict)``.
-* :func:`state_dict_from_record` -- record -> flat ``OrderedDict`` of tensors (EDM key names).
-* :data:`ALLOWED_GLOBALS` -- the allow-list, ``'module.name'`` strings.
+EDM's ``torch_utils/persistence.py`` pickles each network object as ``_reconstruct_persistent_obj(meta)`` with its
+module's source in ``meta['module_src']``; NVIDIA's loader runs that source, this reader never does. Two passes:
+:func:`scan_pickle` walks the opcodes and, before anything is built, refuses globals outside
+:data:`ALLOWED_GLOBALS`, lengths past the end of the data, memo indices beyond those written, more than
+:data:`MAX_NODES` objects (a shared object counted once per path to it: what a consumer walks), nesting deeper than
+:data:`MAX_DEPTH`, cycles, dict keys and set members other than strings (nothing else is ever hashed), and BUILD on
+anything but a ModuleDict or numpy dtype. Then a restricted unpickler makes each persistent object an inert
+:class:`PersistentRecord`; a tensor storage (a legacy ``torch.save`` blob) is parsed, not unpickled, its size
+checked against its data, and read once however often it is referenced; tensors may not claim more elements than
+the storages hold. Every failure is a :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
+import math
+import mmap
 import os
 import pickle
 import pickletools
+import reprlib
 import struct
+import types
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
-__all__ = [
-    "CheckpointError",
-    "UnsafePickleError",
-    "PersistentRecord",
-    "ModuleDictRecord",
-    "TensorInfo",
-    "ALLOWED_GLOBALS",
-    "read_edm_pickle",
-    "network_from_record",
-    "state_dict_from_record",
-    "load_storage_blob",
-]
+__all__ = ["CheckpointError", "UnsafePickleError", "PersistentRecord", "ModuleDictRecord", "TensorInfo",
+           "ALLOWED_GLOBALS", "MAX_NODES", "MAX_DEPTH", "read_edm_pickle", "scan_pickle", "load_storage_blob",
+           "short_repr"]
+
+#: Most objects a pickle may describe, a shared one counted once per path to it (EDM's pickles: under 1e5).
+MAX_NODES = 2_000_000
+#: Deepest nesting of containers and calls (EDM's pickles: 35).
+MAX_DEPTH = 200
+#: Most characters in a network's state_dict keys; most values plus characters in plain (kwargs) data.
+MAX_KEY_CHARS, MAX_PLAIN = 1 << 24, 1 << 20
 
 
 class CheckpointError(Exception):
@@ -54,32 +50,23 @@ class CheckpointError(Exception):
 
 
 class UnsafePickleError(CheckpointError, pickle.UnpicklingError):
-    """The pickle references a global outside the allow-list; nothing was executed.
-
-    ``global_name`` holds the offending ``'module.name'``.
-    """
+    """The pickle references a global outside the allow-list (``global_name``); nothing was executed."""
 
     def __init__(self, message: str, global_name: str | None = None):
         super().__init__(message)
         self.global_name = global_name
 
 
-# ----------------------------------------------------------------------------------------------
-# Inert stand-ins for the objects a network pickle describes.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+#: A repr of bounded size and cost, for error messages about values read from a file.
+short_repr = _REPR.repr
 
 
 @dataclass(eq=False)
 class PersistentRecord:
-    """One persistent EDM object, never instantiated.
-
-    Attributes:
-        class_name: e.g. ``'EDMPrecond'``, ``'SongUNet'``, ``'UNetBlock'``, ``'EDMLoss'``.
-        state: the instance ``__dict__`` as pickled (``_parameters``, ``_buffers``,
-            ``_modules``, ``_init_kwargs``, plain attributes, ...).
-        module_src_sha256: sha256 hex digest of the embedded source text (provenance only; the
-            text itself is dropped), or ``None`` if there was none.
-        version: the persistence format version stored in the pickle (EDM writes 6).
-    """
+    """One persistent EDM object, never instantiated: ``class_name`` (e.g. ``'EDMPrecond'``), ``state`` (the
+    instance ``__dict__``), the sha256 of the embedded source (provenance; the text is dropped), ``version``."""
 
     class_name: str
     state: dict = field(repr=False)
@@ -90,23 +77,12 @@ class PersistentRecord:
 class ModuleDictRecord:
     """Stand-in for ``torch.nn.ModuleDict``, which EDM pickles natively (NEWOBJ + BUILD)."""
 
-    class_name = "ModuleDict"
-
-    def __new__(cls, *args, **kwargs):
-        if args or kwargs:
-            raise CheckpointError("a ModuleDict in the pickle is constructed with arguments; "
-                                  "network pickles never do that")
-        obj = super().__new__(cls)
-        obj.state = {}
-        return obj
+    class_name, state = "ModuleDict", types.MappingProxyType({})
 
     def __setstate__(self, state):
         if not isinstance(state, dict):
             raise CheckpointError(f"ModuleDict state must be a dict, got {type(state).__name__}")
-        self.state = dict(state)
-
-    def __repr__(self) -> str:
-        return f"ModuleDictRecord({list(self.state.get('_modules', {}))})"
+        self.state = state  # not copied: one state BUILT onto many ModuleDicts must not cost a copy each
 
 
 @dataclass(frozen=True)
@@ -117,369 +93,337 @@ class TensorInfo:
     dtype: torch.dtype
 
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-
-@dataclass(frozen=True)
-class _StorageInfo:
-    dtype: torch.dtype
-    numel: int
-
-
-def _reconstruct_persistent_obj(meta):
-    """Replacement for ``torch_utils.persistence._reconstruct_persistent_obj``: wrap, don't run."""
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"persistent object metadata must be a dict, got {type(meta).__name__}")
-    if meta.get("type") != "class":
-        raise CheckpointError(f"unsupported persistent object type {meta.get('type')!r} "
-                              "(only EDM's type='class' objects are supported)")
-    class_name = meta.get("class_name")
-    if not isinstance(class_name, str):
-        raise CheckpointError("persistent object without a class_name")
-    state = meta.get("state")
-    if state is None:
-        state = {}
-    if not isinstance(state, dict):
-        raise CheckpointError(f"state of persistent {class_name} must be a dict, got {type(state).__name__}")
-    src = meta.get("module_src")
-    digest = None
-    if isinstance(src, str):
-        digest = hashlib.sha256(src.encode("utf-8", "surrogatepass")).hexdigest()
-    elif isinstance(src, bytes):
-        digest = hashlib.sha256(src).hexdigest()
-    return PersistentRecord(class_name=class_name, state=state, module_src_sha256=digest,
-                            version=meta.get("version"))
+        return math.prod(self.shape)
 
 
 # ----------------------------------------------------------------------------------------------
-# Tensor storages: each is a legacy (non-zip) ``torch.save`` blob of one storage, as torch's pickle reducers
-# write them. ``torch.load(weights_only=True)`` reads them; we only check, before it allocates anything, that
-# the storage the blob declares fits in the blob.
+# Pass 1. A stack item is a str (a string STACK_GLOBAL may need), _STR (a string), _LEAF (another scalar), _EMPTY
+# (an empty tuple) or an int, the index of a node [kind, compound kids, other kids, all other kids strings?,
+# expanded size, depth, used?]; kind is 'list', 'dict', 'set', 'tuple', 'g:<global>' or 'c:<global>' (a call's
+# result). A node used as a child or call argument may not change any more, so there are no cycles and its size
+# and depth, checked as they grow, are final.
 
-_ZIP_MAGIC = b"PK\x03\x04"
-_HEADER_PICKLES = 5  # magic number, format version, sys info, the storage's persistent id, the key list
-_INT_OPS = ("INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4")
+_STR, _LEAF, _EMPTY = object(), object(), object()
+_STRINGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
+_SCALARS = _STRINGS | {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "BINBYTES", "SHORT_BINBYTES",
+                       "BINBYTES8", "BYTEARRAY8", "NONE", "NEWTRUE", "NEWFALSE", "FLOAT", "BINFLOAT"}
+_DICTS = {"dict", "c:collections.OrderedDict"}
+_TARGETS = {"APPEND": {"list"}, "APPENDS": {"list"}, "SETITEM": _DICTS, "SETITEMS": _DICTS,
+            "ADDITEMS": {"set", "c:builtins.set"}, "BUILD": {"c:torch.nn.modules.container.ModuleDict", "c:numpy.dtype"}}
+_POPS = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "APPEND": 1, "SETITEM": 2, "BUILD": 1, "REDUCE": 2, "NEWOBJ": 2,
+         "POP": 1, "STACK_GLOBAL": 2, "APPENDS": None, "SETITEMS": None, "ADDITEMS": None, "TUPLE": None,
+         "LIST": None, "DICT": None, "POP_MARK": None}  # None: everything above the top MARK, and the MARK
+_IGNORED = {"PROTO", "FRAME", "POP", "POP_MARK"}  # opcodes not handled here nor ignored are refused
 
 
-def _declared_storage(blob: bytes) -> tuple[torch.dtype, int, int]:
-    """``(dtype, numel, header length)`` of a legacy storage blob, read from its opcodes without running them."""
-    f = io.BytesIO(blob)
-    dtype, ints = None, []
-    for index in range(_HEADER_PICKLES):
-        for op, arg, _ in pickletools.genops(f):
-            if index != 3:
-                continue
-            if op.name in ("GLOBAL", "STACK_GLOBAL") and isinstance(arg, str):
-                module, _, name = arg.partition(" ")
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # TypedStorage classes warn on .dtype
-                    dtype = getattr(getattr(torch, name, None), "dtype", None) if module == "torch" else None
-            elif op.name in _INT_OPS:
-                ints.append(arg)
-    # The persistent id ('storage', type, key, location, numel, view) holds one int, numel (torch writes the key as
-    # a string); a second int could be what torch reads as numel while this check reads the first.
-    numel = ints[0] if len(ints) == 1 else None
-    if not isinstance(dtype, torch.dtype) or type(numel) is not int or numel < 0:
-        raise CheckpointError("storage blob does not declare a torch storage type and size")
-    return dtype, numel, f.tell()
+def scan_pickle(data, *, max_nodes: int | None = None, max_depth: int | None = None) -> int:
+    """Check a pickle (bytes or mmap) against the limits above without building it; returns its length."""
+    max_nodes, max_depth = max_nodes or MAX_NODES, max_depth or MAX_DEPTH
+    stack, marks, memo, nodes, count = [], [], {}, [], [0]
+    f = data if isinstance(data, mmap.mmap) else io.BytesIO(data)
+    f.seek(0)
+    name = pos = None
+
+    def fail(msg):
+        raise CheckpointError(f"corrupt or refused pickle: {msg} (opcode {name} at byte {pos})")
+
+    def charge(n):
+        count[0] += n
+        if count[0] > max_nodes:
+            raise CheckpointError(f"the pickle describes more than {max_nodes} objects")
+
+    def extend(v, items):
+        node = nodes[v]
+        if node[6]:
+            fail("an object changed after it was used (a cycle, or a forged reference)")
+        charge(1 + len(items))
+        for i in items:
+            if type(i) is not int:
+                node[2:6] = node[2] + 1, node[3] and (i is _STR or isinstance(i, str)), node[4] + 1, max(node[5], 2)
+            elif i == v:
+                fail("an object containing itself")
+            else:
+                nodes[i][6] = True
+                node[1].append(i)
+                node[3:6] = False, node[4] + nodes[i][4], max(node[5], nodes[i][5] + 1)
+        if node[4] > max_nodes:
+            raise CheckpointError(f"the pickle's objects expand to more than {max_nodes} objects (a shared one "
+                                  "counted once per path to it)")
+        if node[5] > max_depth:
+            raise CheckpointError(f"the pickle's objects are nested more than {max_depth} deep")
+
+    def new(kind, items=()):
+        nodes.append([kind, [], 0, True, 1, 1, False])
+        extend(len(nodes) - 1, items)
+        return len(nodes) - 1
+
+    def pop(n):
+        start = (marks.pop() if marks else fail("no MARK")) if n is None else len(stack) - n
+        if start < 0:
+            fail("stack underflow")
+        items = stack[start:]
+        del stack[start:]
+        return items
+
+    for op, arg, pos in pickletools.genops(f):
+        name = op.name
+        if name == "POP" and marks and marks[-1] == len(stack):
+            marks.pop()  # POP of a MARK
+            continue
+        items = pop(_POPS[name]) if name in _POPS else None
+        keys = items[::2] if name in ("DICT", "SETITEM", "SETITEMS") else items if name == "ADDITEMS" else ()
+        if (name in ("DICT", "SETITEMS") and len(items) % 2) or not all(k is _STR or isinstance(k, str) for k in keys):
+            fail("a dict key or set member that is not a string")
+        if name in _SCALARS:
+            if isinstance(arg, int) and arg.bit_length() > 512:
+                fail("an integer of more than 512 bits")
+            charge(1)
+            stack.append(arg if isinstance(arg, str) and len(arg) <= 256 else _STR if name in _STRINGS else _LEAF)
+        elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "EMPTY_TUPLE"):
+            stack.append(_EMPTY if name == "EMPTY_TUPLE" else new(name[6:].lower()))
+        elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "LIST", "DICT"):
+            stack.append(new({"LIST": "list", "DICT": "dict"}.get(name, "tuple"), items))
+        elif name in _TARGETS:
+            target = stack[-1] if stack else None
+            kind = nodes[target][0] if type(target) is int else "plain value"
+            if kind not in _TARGETS[name]:
+                fail(f"{name} on a {kind.replace('c:', 'result of ')}")
+            if kind == "c:numpy.dtype" and not (type(items[0]) is int and nodes[items[0]][0] == "tuple"
+                                                and not nodes[items[0]][1]):
+                fail("a numpy dtype state other than a flat tuple")
+            extend(target, items)
+        elif name in ("REDUCE", "NEWOBJ"):
+            c, args = items
+            fn = nodes[c][0][2:] if type(c) is int and nodes[c][0].startswith("g:") else fail(
+                "a call of something other than an allowed global")
+            if fn in ("builtins.set", "collections.OrderedDict") and args is not _EMPTY:
+                # set(list of strings) costs the list's length, charged here; OrderedDict() is filled by SETITEMS.
+                t = nodes[args] if fn == "builtins.set" and type(args) is int else [0, [], 1]
+                lst = nodes[t[1][0]] if len(t[1]) == 1 and not t[2] else None
+                if lst is None or lst[1] or not lst[3]:
+                    fail(f"{fn}() with arguments other than a list of strings")
+                charge(lst[2])
+            stack.append(new("c:" + fn, [args]))
+        elif name in ("GLOBAL", "STACK_GLOBAL"):
+            module, attr = arg.split(" ", 1) if name == "GLOBAL" else items
+            if not (isinstance(module, str) and isinstance(attr, str)):
+                fail("STACK_GLOBAL of values other than short literal strings")
+            if (module, attr) not in _ALLOWED_NAMES:
+                raise UnsafePickleError(f"the pickle references the global '{short_repr(module)[1:-1]}."
+                                        f"{short_repr(attr)[1:-1]}', which is not on the allow-list for EDM/SiD "
+                                        f"network pickles (nothing from the file was executed). Allowed: "
+                                        f"{', '.join(ALLOWED_GLOBALS)}", f"{module}.{attr}")
+            stack.append(new(f"g:{module}.{attr}"))
+        elif name == "MARK":
+            marks.append(len(stack))
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            charge(1)
+            stack.append(memo[arg] if arg in memo else fail(f"memo index {arg} read before it was written"))
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            key = len(memo) if name == "MEMOIZE" else arg
+            if not stack or not 0 <= key <= len(memo):
+                fail(f"memo index {key} skips past the {len(memo)} entries written so far")
+            memo[key] = stack[-1]
+        elif name == "FRAME" and arg > len(data) - f.tell():
+            fail("a frame longer than the data left")
+        elif name == "STOP":
+            if len(stack) != 1 or marks:
+                fail("the pickle does not end with exactly one object")
+            return pos + 1
+        elif name not in _IGNORED:  # persistent ids, extension codes, buffers, DUP, INST/OBJ, ...
+            fail("an opcode network pickles never use")
+    fail("no STOP opcode")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor storages: each is a legacy (non-zip) ``torch.save`` blob of one storage, as torch's pickle reducers write
+# it: five small pickles (magic number, protocol version, system info, the storage's persistent id
+# ('storage', type, key, location, numel, view), the key list), then an 8-byte element count and the data.
+
+_INTS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
+_HEADER_OPS = _INTS | {"PROTO", "STOP", "MARK", "EMPTY_DICT", "EMPTY_LIST", "BINPUT", "BINUNICODE", "SHORT_BINUNICODE",
+                       "NEWTRUE", "NONE", "SETITEM", "SETITEMS", "APPEND", "TUPLE", "BINPERSID", "GLOBAL"}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 def load_storage_blob(blob: bytes, *, load_data: bool = True):
-    """One ``torch.storage._load_from_bytes`` blob -> a flat 1-D CPU tensor (or ``_StorageInfo`` without data).
+    """One ``torch.storage._load_from_bytes`` blob -> a flat 1-D CPU tensor (a :class:`TensorInfo` without data).
 
-    The declared element count times the element size must fit in the blob's data section, so a blob cannot
-    make the reader allocate more memory than it occupies. Zip-format blobs, which torch's reducers never
-    write, are refused rather than inflated.
-    """
-    if not isinstance(blob, (bytes, bytearray)):
-        raise CheckpointError(f"storage blob must be bytes, got {type(blob).__name__}")
-    if blob[:4] == _ZIP_MAGIC:
-        raise CheckpointError("storage blob is a zip archive; EDM/SiD pickles hold legacy torch.save blobs only")
+    Before ``torch.load(weights_only=True)`` reads it, the header's opcodes are checked without unpickling anything:
+    it must be torch's (little-endian, one storage of a torch type) and the data exactly the declared size, so a blob
+    cannot make the reader allocate more than it holds. Zip blobs, which torch's reducers never write, are refused,
+    not inflated."""
+    if not isinstance(blob, (bytes, bytearray)) or blob[:4] == b"PK\x03\x04":
+        raise CheckpointError("storage blob is not bytes, or is a zip archive (EDM/SiD pickles hold legacy "
+                              "torch.save blobs only)")
+    f, parts = io.BytesIO(blob), []
     try:
-        dtype, numel, header = _declared_storage(bytes(blob))
-    except CheckpointError:
-        raise
-    except Exception as e:  # pickletools raises ValueError and assorted others on garbage
-        raise CheckpointError(f"corrupt storage blob header: {type(e).__name__}: {e}") from None
-    need = 8 + numel * torch.empty(0, dtype=dtype).element_size()
-    if header + need > len(blob):
-        raise CheckpointError(f"storage blob declares {numel} {dtype} elements ({need} bytes) but holds only "
-                              f"{len(blob) - header} data bytes")
+        for _ in range(5):
+            parts.append([(op.name, arg) for _, (op, arg, _) in zip(range(100), pickletools.genops(f))])
+    except ValueError as e:
+        raise CheckpointError(f"corrupt storage blob header: {str(e)[:200]}") from None
+    globals_ = [a.replace(" ", ".") for p in parts for n, a in p if n == "GLOBAL"]
+    ints = [[a for n, a in p if n in _INTS] for p in parts]
+    strs, keys = ([a for n, a in p if n in _STRINGS] for p in parts[3:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # TypedStorage classes warn on .dtype
+        dtype = getattr(getattr(torch, globals_[0][6:], None), "dtype", None) if len(globals_) == 1 else None
+    # torch writes the key as a string: a second int could be what torch reads as numel while we read the first.
+    if ({n for p in parts for n, _ in p} - _HEADER_OPS or any(len(p) == 100 for p in parts) or ints[:2] != [
+            [_LEGACY_MAGIC], [1001]] or not isinstance(dtype, torch.dtype) or not globals_[0].startswith("torch.")
+            or len(ints[3]) != 1 or len(strs) < 2 or keys != strs[1:2]):
+        raise CheckpointError(f"storage blob header is not torch's header of one little-endian storage (globals: "
+                              f"{short_repr(globals_)})")
+    numel, header = ints[3][0], f.tell()
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    if len(blob) != header + 8 + nbytes or struct.unpack_from("<q", blob, header)[0] != numel:
+        raise CheckpointError(f"storage blob declares {numel} {dtype} elements ({nbytes} bytes) but holds "
+                              f"{len(blob) - header - 8} data bytes")
     if not load_data:
-        return _StorageInfo(dtype, numel)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # TypedStorage is deprecated, yet torch.load returns it
+        return TensorInfo((numel,), dtype)
+    # The header was checked and the data is exactly the declared size: torch reads the blob itself.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # TypedStorage is deprecated, yet torch.load returns it
+        try:
             st = torch.load(io.BytesIO(bytes(blob)), weights_only=True, map_location="cpu")
-            if not isinstance(st, torch.TypedStorage):
-                raise CheckpointError(f"storage blob holds a {type(st).__name__}, expected a storage")
-            return torch.empty(0, dtype=st.dtype).set_(st.untyped(), 0, (st.size(),), (1,))
-    except CheckpointError:
-        raise
-    except Exception as e:  # torch raises assorted types for bad blobs
-        raise CheckpointError(f"unreadable storage blob: {type(e).__name__}: {e}") from None
+        except Exception as e:  # torch raises assorted types for bad blobs
+            raise CheckpointError(f"unreadable storage blob: {type(e).__name__}: {str(e)[:200]}") from None
+        return torch.empty(0, dtype=st.dtype).set_(st.untyped(), 0, (st.size(),), (1,))
 
 
 # ----------------------------------------------------------------------------------------------
-# Tensor reconstruction (replacements for torch._utils functions).
-
-
-def _check_int_seq(x, what) -> tuple:
-    if not isinstance(x, (tuple, list)) or not all(isinstance(v, int) and v >= 0 for v in x):
-        raise CheckpointError(f"tensor {what} must be a sequence of non-negative ints, got {x!r:.100}")
-    return tuple(x)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
-    # Hooks and metadata (conj/neg bits of complex tensors) carry no weights; they are ignored.
-    size = _check_int_seq(size, "size")
-    stride = _check_int_seq(stride, "stride")
-    if len(size) != len(stride):
-        raise CheckpointError(f"tensor size {size} and stride {stride} differ in length")
-    if not isinstance(storage_offset, int) or storage_offset < 0:
-        raise CheckpointError(f"bad storage offset {storage_offset!r}")
-    if isinstance(storage, _StorageInfo):
-        available, dtype = storage.numel, storage.dtype
-    elif isinstance(storage, torch.Tensor) and storage.dim() == 1:
-        available, dtype = storage.numel(), storage.dtype
-    else:
-        raise CheckpointError(f"tensor built from a {type(storage).__name__}, expected a storage")
-    n = 1
-    for s in size:
-        n *= s
-    if n > 0:
-        last = storage_offset + sum((s - 1) * st for s, st in zip(size, stride))
-        if last >= available:
-            raise CheckpointError(f"tensor of size {size}, stride {stride}, offset {storage_offset} "
-                                  f"reaches past its storage of {available} elements")
-    if isinstance(storage, _StorageInfo):
-        return TensorInfo(size, dtype)
-    return torch.as_strided(storage, size, stride, storage_offset)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
-    if not isinstance(data, (torch.Tensor, TensorInfo)):
-        raise CheckpointError(f"parameter data is a {type(data).__name__}, expected a tensor")
-    return data
-
-
-def _rebuild_parameter_with_state(data, requires_grad=False, backward_hooks=None, state=None):
-    # ``state`` is the Parameter's Python attribute dict; it holds no weights, so it is dropped.
-    return _rebuild_parameter(data, requires_grad, backward_hooks)
-
-
-def _numpy_scalar():
-    core = getattr(np, "_core", None)
-    if core is not None and hasattr(core, "multiarray"):
-        return core.multiarray.scalar
-    return np.core.multiarray.scalar  # numpy < 2
+# Pass 2: the restricted unpickler, with replacements for the few functions EDM pickles call.
 
 
 def _allowed_globals(load_tensors: bool) -> dict:
-    loaded: dict[int, tuple] = {}
+    done: dict[int, tuple] = {}  # id(blob or source text) -> (it, its storage or digest): each is read once
+    totals, storages = {"stored": 0, "claimed": 0}, set()  # elements stored and viewed by tensors; storage ids
 
-    def load_from_bytes(blob):
-        # A blob the pickle references several times (through its memo) is materialised once.
-        hit = loaded.get(id(blob))
-        if hit is None or hit[0] is not blob:
-            hit = loaded[id(blob)] = (blob, load_storage_blob(blob, load_data=load_tensors))
+    def once(obj, fn):
+        hit = done.get(id(obj))
+        if hit is None or hit[0] is not obj:
+            hit = done[id(obj)] = (obj, fn(obj))
         return hit[1]
 
-    scalar = _numpy_scalar()
+    def reconstruct_persistent_obj(meta):  # EDM's persistence._reconstruct_persistent_obj: wrap, don't run
+        if not isinstance(meta, dict) or meta.get("type") != "class":
+            raise CheckpointError("unsupported persistent object (only EDM's type='class' metadata dicts are)")
+        class_name, state, src, version = (meta.get(k) for k in ("class_name", "state", "module_src", "version"))
+        state = {} if state is None else state
+        if not isinstance(class_name, str) or not isinstance(state, dict):
+            raise CheckpointError(f"persistent object without a class_name or with a {type(state).__name__} state")
+        digest = once(src, lambda s: hashlib.sha256(s.encode("utf-8", "surrogatepass") if isinstance(s, str)
+                                                    else s).hexdigest()) if isinstance(src, (str, bytes)) else None
+        return PersistentRecord(class_name, state, digest, version if isinstance(version, int) else None)
+
+    def load(blob):
+        st = load_storage_blob(blob, load_data=load_tensors)
+        totals["stored"] += st.numel()
+        storages.add(id(st))
+        return st
+
+    def rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+        # Hooks and metadata (conj/neg bits of complex tensors) carry no weights; they are ignored.
+        if not all(isinstance(x, (tuple, list)) and len(x) <= 32 and all(type(v) is int and v >= 0 for v in x)
+                   for x in (size, stride)) or len(size) != len(stride) or type(offset) is not int or offset < 0:
+            raise CheckpointError(f"bad tensor geometry: size {short_repr(size)}, stride {short_repr(stride)}, "
+                                  f"offset {short_repr(offset)}")
+        if id(storage) not in storages:
+            raise CheckpointError(f"tensor built from a {type(storage).__name__}, expected a storage")
+        available, n = storage.numel(), math.prod(size)
+        if n > 0 and offset + sum((s - 1) * st for s, st in zip(size, stride)) >= available:
+            raise CheckpointError(f"tensor of size {tuple(size)}, stride {tuple(stride)}, offset {offset} reaches "
+                                  f"past its storage of {available} elements")
+        totals["claimed"] += n
+        if totals["claimed"] > totals["stored"]:
+            raise CheckpointError(f"the tensors claim more elements than the file's storages hold "
+                                  f"({totals['claimed']} > {totals['stored']}); overlapping views are refused")
+        if isinstance(storage, TensorInfo):
+            return TensorInfo(tuple(size), storage.dtype)
+        return torch.as_strided(storage, size, stride, offset)
+
+    def rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
+        if not isinstance(data, (torch.Tensor, TensorInfo)):  # ``state``, Python attributes, is dropped
+            raise CheckpointError(f"parameter data is a {type(data).__name__}, expected a tensor")
+        return data
+
+    def dtype(spec, align=False, copy=True):  # always a copy: BUILD must not reach numpy's shared singletons
+        if not isinstance(spec, str) or len(spec) > 8 or np.dtype(spec).kind not in "biufc":
+            raise CheckpointError(f"numpy dtype {short_repr(spec)} is not a plain numeric type")
+        return np.dtype(spec, bool(align), True)
+
+    def scalar(dt, data=None):
+        if not (isinstance(dt, np.dtype) and dt.kind in "biufc" and isinstance(data, bytes)
+                and len(data) == dt.itemsize):
+            raise CheckpointError("malformed numpy scalar")
+        return np.frombuffer(data, dtype=dt)[0].copy()
+
     return {
-        # EDM persistent objects: wrapped into inert records, module_src never imported.
-        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
-        # enc/dec containers, pickled natively by torch.
-        ("torch.nn.modules.container", "ModuleDict"): ModuleDictRecord,
-        # _parameters/_buffers/hook dicts.
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        # Tensors and their storages, as Tensor/Parameter.__reduce_ex__ writes them.
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
-        ("torch.storage", "_load_from_bytes"): load_from_bytes,
-        # Numpy scalars (e.g. skip_scale = np.sqrt(0.5)); numpy >= 2 writes the _core path.
+        ("torch_utils.persistence", "_reconstruct_persistent_obj"): reconstruct_persistent_obj,
+        ("torch.nn.modules.container", "ModuleDict"): ModuleDictRecord,  # enc/dec, pickled natively by torch
+        ("collections", "OrderedDict"): collections.OrderedDict,  # _parameters/_buffers/hook dicts
+        ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): rebuild_parameter,
+        ("torch.storage", "_load_from_bytes"): lambda blob: once(blob, load),
+        # Numpy scalars (EDM's skip_scale = np.sqrt(0.5)); numpy >= 2 writes the _core path.
         ("numpy.core.multiarray", "scalar"): scalar,
         ("numpy._core.multiarray", "scalar"): scalar,
-        ("numpy", "dtype"): np.dtype,
-        # Pickle protocols <= 3 (Python <= 3.7 default) write the module's
-        # _non_persistent_buffers_set as a call to set(); protocol >= 4 uses an opcode.
-        ("builtins", "set"): set,
+        ("numpy", "dtype"): dtype,
+        ("builtins", "set"): set,  # protocols <= 3 write _non_persistent_buffers_set as set([...])
     }
 
 
+_ALLOWED_NAMES = frozenset(_allowed_globals(False))
 #: The globals a network pickle may reference, as ``'module.name'`` strings.
-ALLOWED_GLOBALS = tuple(sorted(f"{m}.{n}" for m, n in _allowed_globals(False)))
+ALLOWED_GLOBALS = tuple(sorted(f"{m}.{n}" for m, n in _ALLOWED_NAMES))
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, source_name: str, load_tensors: bool):
-        super().__init__(file)
-        self._allowed = _allowed_globals(load_tensors)
-        self._source_name = source_name
-
-    def find_class(self, module, name):
-        obj = self._allowed.get((module, name))
-        if obj is None:
-            raise UnsafePickleError(
-                f"refusing to load {self._source_name}: the pickle references the global "
-                f"'{module}.{name}', which is not on the allow-list for EDM/SiD network pickles "
-                f"(nothing from the file was executed). Allowed: {', '.join(ALLOWED_GLOBALS)}",
-                f"{module}.{name}")
-        return obj
-
-    def persistent_load(self, pid):
-        raise CheckpointError(f"{self._source_name}: unexpected persistent id in a network pickle "
-                              f"(is this a torch.save file rather than a network pickle?)")
-
-
-def _describe(source) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return f"'{os.fspath(source)}'"
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return "<bytes>"
-    name = getattr(source, "name", None)
-    return f"'{name}'" if isinstance(name, str) else "<file object>"
+    def find_class(self, module, name):  # scan_pickle refused any other global; a KeyError is a second line
+        return self.allowed[(module, name)]
 
 
 def read_edm_pickle(source: str | os.PathLike | bytes | BinaryIO, *, load_tensors: bool = True) -> dict:
-    """Safely unpickle an EDM/SiD network pickle.
-
-    Args:
-        source: a path, the file's bytes, or a binary file object.
-        load_tensors: if False, tensors become :class:`TensorInfo` (shape, dtype) without data.
-
-    Returns:
-        The top-level dict, e.g. ``{'ema': PersistentRecord('EDMPrecond'), 'loss_fn': ...,
-        'augment_pipe': ..., 'dataset_kwargs': {...}}`` for EDM, ``{'ema': ...}`` for SiD.
-
-    Raises:
-        UnsafePickleError: a global outside :data:`ALLOWED_GLOBALS` is referenced.
-        CheckpointError: the file is empty, truncated, corrupt, or not a dict of records.
-    """
-    name = _describe(source)
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise CheckpointError(f"no such checkpoint file: {name}")
-        with open(path, "rb") as f:
-            return _read(f, name, load_tensors)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return _read(io.BytesIO(bytes(source)), name, load_tensors)
-    if hasattr(source, "read"):
-        return _read(source, name, load_tensors)
-    raise TypeError(f"read_edm_pickle needs a path, bytes or a binary file, got {type(source).__name__}")
-
-
-def _read(f, name: str, load_tensors: bool) -> dict:
+    """Safely unpickle an EDM/SiD network pickle (a path, its bytes or a binary file) into its top-level dict, e.g.
+    ``{'ema': PersistentRecord('EDMPrecond'), 'loss_fn': ..., 'augment_pipe': ..., 'dataset_kwargs': {...}}`` (EDM)
+    or ``{'ema': ...}`` (SiD); with ``load_tensors=False`` tensors are :class:`TensorInfo`. Raises
+    :class:`UnsafePickleError` for a global outside :data:`ALLOWED_GLOBALS`, else :class:`CheckpointError`."""
+    name = getattr(source, "name", None) if not isinstance(source, (str, os.PathLike)) else os.fspath(source)
+    name = f"'{name}'" if isinstance(name, str) else "<bytes>"
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) and not hasattr(source, "read"):
+        raise TypeError(f"read_edm_pickle needs a path, bytes or a binary file, got {type(source).__name__}")
     try:
-        obj = _RestrictedUnpickler(f, name, load_tensors).load()
-    except CheckpointError:
+        with contextlib.ExitStack() as stack:
+            if isinstance(source, (str, os.PathLike)):
+                f = stack.enter_context(open(source, "rb"))
+                data = stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if os.fstat(
+                    f.fileno()).st_size else b""
+            else:
+                data = source.read() if hasattr(source, "read") else bytes(source)
+            if not isinstance(data, (bytes, mmap.mmap)) or not len(data):
+                raise CheckpointError("the file is empty or not read as bytes")
+            end = scan_pickle(data)
+            if end != len(data):
+                raise CheckpointError(f"corrupt: unexpected data after the end of the pickle (byte {end} of "
+                                      f"{len(data)})")
+            f = data if isinstance(data, mmap.mmap) else io.BytesIO(data)
+            f.seek(0)
+            unpickler = _RestrictedUnpickler(f)
+            unpickler.allowed = _allowed_globals(load_tensors)
+            obj = unpickler.load()
+    except CheckpointError as e:
+        e.args = (f"{name}: {e}",) if name not in str(e) else e.args
         raise
-    except EOFError as e:
-        raise CheckpointError(f"{name} is empty or truncated; not a complete pickle ({e})") from e
-    except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            struct.error, UnicodeDecodeError, OverflowError, RuntimeError, RecursionError) as e:
-        raise CheckpointError(f"{name} is corrupt or truncated: not a readable network pickle "
-                              f"({type(e).__name__}: {e})") from e
-    if f.read(1):
-        raise CheckpointError(f"{name} is corrupt: unexpected data after the end of the pickle")
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint file {name}: {e.strerror or e}") from None
+    except Exception as e:  # corrupt data (pickletools, pickle and torch raise assorted types), or a MemoryError
+        raise CheckpointError(f"{name} is corrupt or truncated, not a readable network pickle "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{name} holds a {type(obj).__name__}, expected a dict such as "
-                              "{'ema': network, ...}")
+        raise CheckpointError(f"{name} holds a {type(obj).__name__}, expected a dict such as {{'ema': network}}")
     return obj
 
 
 # ----------------------------------------------------------------------------------------------
 # Record tree -> state_dict / constructor kwargs.
-
-_Node = (PersistentRecord, ModuleDictRecord)
-
-
-def state_dict_from_record(record, prefix: str = "") -> "collections.OrderedDict[str, Any]":
-    """Flatten a module record tree into state_dict order and naming.
-
-    For every module: its non-None parameters, then its non-None buffers that are not in
-    ``_non_persistent_buffers_set``, then its children (``_modules``) with ``'<child>.'``
-    appended to the prefix -- the order and names ``torch.nn.Module.state_dict`` produces.
-    """
-    out: collections.OrderedDict = collections.OrderedDict()
-    _walk(record, prefix, out, set())
-    return out
-
-
-def _mapping(state: dict, key: str, owner: str) -> Mapping:
-    value = state.get(key, {})
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise CheckpointError(f"{owner}: {key} must be a mapping, got {type(value).__name__}")
-    return value
-
-
-def _walk(node, prefix: str, out: dict, active: set) -> None:
-    owner = f"{node.class_name} at '{prefix or '<root>'}'"
-    if id(node) in active:
-        raise CheckpointError(f"{owner}: the module tree contains a cycle")
-    active.add(id(node))
-    state = node.state
-    nonpersistent = state.get("_non_persistent_buffers_set") or set()
-    if not isinstance(nonpersistent, (set, frozenset, list, tuple)):
-        raise CheckpointError(f"{owner}: _non_persistent_buffers_set is a {type(nonpersistent).__name__}")
-    for kind in ("_parameters", "_buffers"):
-        for name, t in _mapping(state, kind, owner).items():
-            if t is None or (kind == "_buffers" and name in nonpersistent):
-                continue
-            if not isinstance(t, (torch.Tensor, TensorInfo)):
-                raise CheckpointError(f"{owner}: {kind[1:-1]} {name!r} is a {type(t).__name__}, not a tensor")
-            out[prefix + str(name)] = t
-    for name, child in _mapping(state, "_modules", owner).items():
-        if child is None:
-            continue
-        if not isinstance(child, _Node):
-            raise CheckpointError(f"{owner}: child module {name!r} is a {type(child).__name__}")
-        _walk(child, f"{prefix}{name}.", out, active)
-    active.discard(id(node))
-
-
-def plain_value(x, where: str = "value"):
-    """Convert numpy scalars/arrays and tuples to plain Python (lists); reject anything exotic."""
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (list, tuple)):
-        return [plain_value(v, where) for v in x]
-    if isinstance(x, Mapping):
-        return {str(k): plain_value(v, f"{where}.{k}") for k, v in x.items()}
-    raise CheckpointError(f"{where} holds a {type(x).__name__}; expected plain data")
-
-
-def network_from_record(record: PersistentRecord) -> tuple[str, dict, "collections.OrderedDict"]:
-    """Return ``(class_name, init_kwargs, state_dict)`` of a top-level network record.
-
-    ``init_kwargs`` are the constructor arguments recorded by EDM's persistence decorator
-    (``_init_kwargs``; EDM passes none positionally), converted to plain Python values. ``state_dict`` maps EDM key names
-    (e.g. ``'model.enc.32x32_conv.weight'``) to CPU tensors (or :class:`TensorInfo`).
-    """
-    if not isinstance(record, PersistentRecord):
-        raise CheckpointError(f"expected a persistent network record, got {type(record).__name__}"
-                              + (" (a None entry?)" if record is None else ""))
-    state = record.state
-    kwargs = state.get("_init_kwargs", {})
-    args = state.get("_init_args", ())
-    if kwargs is None:
-        kwargs = {}
-    if not isinstance(kwargs, Mapping) or not isinstance(args, (tuple, list)):
-        raise CheckpointError(f"{record.class_name}: malformed _init_args/_init_kwargs")
-    if args:
-        # EDM builds networks from keyword arguments only (dnnlib.util.construct_class_by_name).
-        raise CheckpointError(f"{record.class_name} was pickled with positional constructor arguments")
-    kwargs = plain_value(dict(kwargs), f"{record.class_name} init_kwargs")
-    return record.class_name, kwargs, state_dict_from_record(record)

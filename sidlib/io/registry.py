@@ -1,8 +1,8 @@
 """Where checkpoints come from: the registered names of public EDM and SiD networks, and source resolution.
 
-URLs: EDM's pretrained models (``nvlabs-fi-cdn.nvidia.com/edm/pretrained``, NVlabs/edm README) and the released
-SiD generators (Hugging Face ``UT-Austin-PML/SiD``, SiD README). :func:`resolve_source` turns a name, URL or path
-into a local file, downloading names and URLs once into the cache of :mod:`sidlib.io.download`.
+URLs: EDM's pretrained models (``nvlabs-fi-cdn.nvidia.com/edm/pretrained``, NVlabs/edm README) and the released SiD
+generators (Hugging Face ``UT-Austin-PML/SiD``, SiD README); :func:`resolve_source` turns a name, URL or path into a
+local file, downloading names and URLs once into the cache of :mod:`sidlib.io.download`.
 """
 
 from __future__ import annotations
@@ -14,49 +14,30 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_copy
-from .download import download, file_sha256
+from .download import DownloadError, cache_lock, download, file_sha256
 from .edm_pickle import CheckpointError
 
 __all__ = ["TEACHERS", "TEACHER_ALIASES", "OTHER_EDM_PICKLES", "SID_GENERATORS", "SID_GENERATOR_INFO",
            "KNOWN_SHA256", "registered_names", "resolve_source", "is_url"]
 
-# ---------------------------------------------------------------------------------------------
-# Registry (URLs from NVlabs/edm and the Hugging Face repo UT-Austin-PML/SiD).
-
 _EDM_BASE = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 _SID_BASE = "https://huggingface.co/UT-Austin-PML/SiD/resolve/main/"
 
 #: The five EDM teachers SiD distils (EDM preconditioning; DDPM++ "vp" and ADM architectures).
-TEACHERS: dict[str, str] = {
-    name: f"{_EDM_BASE}{name}.pkl"
-    for name in (
-        "edm-cifar10-32x32-uncond-vp",
-        "edm-cifar10-32x32-cond-vp",
-        "edm-ffhq-64x64-uncond-vp",
-        "edm-afhqv2-64x64-uncond-vp",
-        "edm-imagenet-64x64-cond-adm",
-    )
-}
+TEACHERS: dict[str, str] = {name: f"{_EDM_BASE}{name}.pkl" for name in (
+    "edm-cifar10-32x32-uncond-vp", "edm-cifar10-32x32-cond-vp", "edm-ffhq-64x64-uncond-vp",
+    "edm-afhqv2-64x64-uncond-vp", "edm-imagenet-64x64-cond-adm")}
 
 #: SiD's own short keys for the teachers (its ``--data``-style dataset names).
 TEACHER_ALIASES: dict[str, str] = {
-    "cifar10-uncond": "edm-cifar10-32x32-uncond-vp",
-    "cifar10-cond": "edm-cifar10-32x32-cond-vp",
-    "ffhq64": "edm-ffhq-64x64-uncond-vp",
-    "afhq64-v2": "edm-afhqv2-64x64-uncond-vp",
-    "imagenet64-cond": "edm-imagenet-64x64-cond-adm",
-}
+    "cifar10-uncond": "edm-cifar10-32x32-uncond-vp", "cifar10-cond": "edm-cifar10-32x32-cond-vp",
+    "ffhq64": "edm-ffhq-64x64-uncond-vp", "afhq64-v2": "edm-afhqv2-64x64-uncond-vp",
+    "imagenet64-cond": "edm-imagenet-64x64-cond-adm"}
 
 #: Public EDM-preconditioned NCSN++ ("ve") pickles that SiD does not use.
-OTHER_EDM_PICKLES: dict[str, str] = {
-    name: f"{_EDM_BASE}{name}.pkl"
-    for name in (
-        "edm-cifar10-32x32-uncond-ve",
-        "edm-cifar10-32x32-cond-ve",
-        "edm-ffhq-64x64-uncond-ve",
-        "edm-afhqv2-64x64-uncond-ve",
-    )
-}
+OTHER_EDM_PICKLES: dict[str, str] = {name: f"{_EDM_BASE}{name}.pkl" for name in (
+    "edm-cifar10-32x32-uncond-ve", "edm-cifar10-32x32-cond-ve", "edm-ffhq-64x64-uncond-ve",
+    "edm-afhqv2-64x64-uncond-ve")}
 
 # (name, HF path, alpha, kimg, teacher)
 _SID_RELEASES = (
@@ -75,10 +56,8 @@ _SID_RELEASES = (
 #: Per released SiD generator: url, alpha, kimg (from the file name), teacher, init_sigma.
 #: init_sigma is 2.5 for all releases: they are sampled as G(2.5 * z, sigma=2.5).
 SID_GENERATOR_INFO: dict[str, dict] = {
-    name: {"url": _SID_BASE + path, "alpha": alpha, "kimg": kimg, "images_seen": kimg * 1000,
-           "teacher": teacher, "init_sigma": 2.5}
-    for name, path, alpha, kimg, teacher in _SID_RELEASES
-}
+    name: dict(url=_SID_BASE + path, alpha=alpha, kimg=kimg, images_seen=kimg * 1000, teacher=teacher, init_sigma=2.5)
+    for name, path, alpha, kimg, teacher in _SID_RELEASES}
 
 #: The ten released SiD one-step generators, name -> URL.
 SID_GENERATORS: dict[str, str] = {name: info["url"] for name, info in SID_GENERATOR_INFO.items()}
@@ -90,30 +69,18 @@ KNOWN_SHA256: dict[str, str] = {}
 
 def registered_names() -> dict[str, str]:
     """Every registered checkpoint name (teachers, their aliases, other EDM pickles, SiD releases) -> URL."""
-    reg = dict(TEACHERS)
-    reg.update({alias: TEACHERS[name] for alias, name in TEACHER_ALIASES.items()})
-    reg.update(OTHER_EDM_PICKLES)
-    reg.update(SID_GENERATORS)
-    return reg
-
-
-# ---------------------------------------------------------------------------------------------
-# Source resolution.
-
-_URL_SCHEMES = ("file", "http", "https")
+    return {**TEACHERS, **{alias: TEACHERS[name] for alias, name in TEACHER_ALIASES.items()}, **OTHER_EDM_PICKLES,
+            **SID_GENERATORS}
 
 
 def is_url(s: str) -> bool:
     """True for ``file://``, ``http://`` and ``https://`` URLs."""
-    return urllib.parse.urlparse(s).scheme.lower() in _URL_SCHEMES and "://" in s
+    return urllib.parse.urlparse(s).scheme.lower() in ("file", "http", "https") and "://" in s
 
 
 def resolve_source(source, *, cache_dir=None) -> tuple[Path, dict]:
-    """Turn a source (name, URL or path) into a local path and its provenance.
-
-    Returns ``(path, provenance)`` where provenance has ``source`` and, for names/URLs, ``name``
-    and ``url``. Downloads registered names and URLs into the cache.
-    """
+    """``(local path, provenance)`` of a source (name, URL or path); provenance has ``source`` and, for names and
+    URLs, ``name`` / ``url``. Registered names and URLs are downloaded into the cache."""
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"checkpoint source must be a str or path, got {type(source).__name__}")
     text = os.fspath(source)
@@ -141,8 +108,8 @@ def resolve_source(source, *, cache_dir=None) -> tuple[Path, dict]:
 
 
 def _download_checkpoint(url: str, cache_dir) -> Path:
-    """Download a checkpoint URL. Our own format is two files (``.safetensors`` weights and a ``.json`` sidecar):
-    a URL to either fetches both and keeps them side by side in the cache, and the weights' path is returned."""
+    """Download a checkpoint URL. A URL to either file of our format (``.safetensors`` weights, ``.json`` sidecar)
+    fetches both and keeps a copy of the sidecar beside the weights; the weights' path is returned."""
     parsed = urllib.parse.urlparse(url)
     stem, suffix = os.path.splitext(parsed.path)
     if suffix not in (".safetensors", ".json"):
@@ -150,6 +117,10 @@ def _download_checkpoint(url: str, cache_dir) -> Path:
     urls = [urllib.parse.urlunparse(parsed._replace(path=stem + ext)) for ext in (".safetensors", ".json")]
     weights, sidecar = (download(u, sha256=KNOWN_SHA256.get(u), cache_dir=cache_dir) for u in urls)
     beside = weights.with_suffix(".json")
-    if not beside.is_file() or file_sha256(beside) != file_sha256(sidecar):
-        atomic_copy(sidecar, beside)
+    with cache_lock(weights):
+        try:
+            if not beside.is_file() or file_sha256(beside) != file_sha256(sidecar):
+                atomic_copy(sidecar, beside)
+        except OSError as e:
+            raise DownloadError(f"cannot place the sidecar {beside} in the cache: {e}") from e
     return weights

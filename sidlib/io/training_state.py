@@ -1,23 +1,30 @@
-"""Atomic save / safe load of the distillation's full training state.
+"""Atomic save / safe load of the distillation's full training state (EDM's ``training-state-*.pt`` role).
 
-The state is a plain nested dict of tensors, numbers, strings, lists and dicts, so it round-trips
-through ``torch.load(..., weights_only=True)`` (no arbitrary unpickling when resuming).
-It is written with ``torch.save`` to a temporary file in the same directory and renamed over the
-target, so a process killed at any moment leaves either the previous state or the new one.
+The state is a plain nested dict of tensors, numbers, strings, lists and dicts, written with ``torch.save`` through
+a temporary file renamed over the target (a process killed at any moment leaves the old state or the new one) and
+read back with ``torch.load(weights_only=True)``, after checking that the archive's entries are stored uncompressed
+and fit in the file. A corrupt or foreign file raises :class:`TrainingStateError` naming it and saying what to do.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_path
+from .edm_pickle import CheckpointError
 
-__all__ = ['STATE_FORMAT', 'save_training_state', 'load_training_state', 'capture_rng', 'restore_rng']
+__all__ = ['STATE_FORMAT', 'TrainingStateError', 'save_training_state', 'load_training_state', 'capture_rng',
+           'restore_rng']
 
 STATE_FORMAT = 'sidlib-training-state/1'
+
+
+class TrainingStateError(CheckpointError, ValueError):
+    """A training-state file is corrupt, truncated or not one of ours."""
 
 
 def save_training_state(path: str | os.PathLike, state: dict) -> Path:
@@ -28,12 +35,39 @@ def save_training_state(path: str | os.PathLike, state: dict) -> Path:
     return path
 
 
+def _torch_error(e: BaseException) -> str:
+    """Why ``torch.load`` failed, in a line, without torch's advice to retry with ``weights_only=False``."""
+    keep = [p.strip() for p in str(e).split('\n\n') if p.strip() and 'eights_only' not in p]
+    return f"{type(e).__name__}: {' '.join(keep)[:300] or 'objects other than tensors and plain data'}"
+
+
+def _check_archive(path: Path) -> None:
+    """torch.save writes a zip of stored (uncompressed) entries; refuse anything that would be inflated."""
+    with zipfile.ZipFile(path) as z:
+        entries = z.infolist()
+    if any(e.compress_type != zipfile.ZIP_STORED for e in entries) or sum(
+            e.file_size for e in entries) > path.stat().st_size:
+        raise ValueError('the archive holds compressed entries or entries larger than the file')
+
+
 def load_training_state(path: str | os.PathLike) -> dict:
-    """Read a state written by :func:`save_training_state` with ``weights_only=True`` (on the CPU)."""
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
-        raise ValueError(f'{path} is not a sidlib training state (format {STATE_FORMAT!r})')
-    return state
+    """Read a state written by :func:`save_training_state` (on the CPU, ``weights_only=True``)."""
+    path = Path(path)
+    try:
+        _check_archive(path)
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        reason = None if isinstance(state, dict) and state.get('format') == STATE_FORMAT else (
+            f'it holds no {STATE_FORMAT!r} tag, so it was not written by sidlib')
+    except Exception as e:  # zipfile, torch and the unpickler raise assorted types, MemoryError included
+        reason = _torch_error(e) if not isinstance(e, OSError) else f'{type(e).__name__}: {e.strerror or e}'
+    if reason is None:
+        return state
+    numbered = sorted(path.parent.glob('training-state-*.pt'))
+    hint = (f'the latest numbered state is {numbered[-1].name}' if numbered else
+            'no numbered training-state-<kimg>.pt is beside it')
+    raise TrainingStateError(f'{path} is not a readable sidlib training state ({reason}). Delete it to start the '
+                             f'run over, or copy a numbered state of the same run over it to resume from there '
+                             f'({hint}).')
 
 
 def capture_rng() -> dict:

@@ -1,22 +1,9 @@
-"""Image-quality metrics through torch-fidelity: FID, KID, precision/recall and Inception Score.
-
-This module is a thin layer over `torch-fidelity <https://github.com/toshas/torch-fidelity>`_ (0.4.0). It adds what
-torch-fidelity does not offer directly:
-
-* :func:`register_feature_extractor`: an idempotent registration (torch-fidelity refuses a second registration of a
-  name), which also accepts a plain ``nn.Module`` mapping images to features (:func:`module_extractor`).
-* :func:`compute_metrics`: uint8 tensors ``[N, C, H, W]`` in, a flat dict of floats out; a reference given as
-  precomputed statistics (``{'mu', 'sigma'}``, e.g. EDM's ``.npz``) is compared through torch-fidelity's
-  ``fid_statistics_to_metric`` because ``calculate_metrics`` only takes image inputs.
-* :class:`FeatureExtractor`: a feature extractor created once and applied batch by batch (used by the paper's FID
-  protocol in :mod:`sidlib.metrics.protocol`, which never holds 50,000 images in memory).
-* :func:`feature_statistics` / :func:`fid_from_statistics`: mean/covariance of features and the Frechet distance
-  between two Gaussians, both delegated to torch-fidelity.
-* A clear error when torch-fidelity's Inception weights are neither cached nor downloadable
-  (:func:`ensure_inception_weights`).
-
-Output keys (short names of torch-fidelity's keys, see :data:`METRIC_KEYS`): ``fid``, ``kid_mean``, ``kid_std``,
-``precision``, ``recall``, ``f_score``, ``isc_mean``, ``isc_std``.
+"""Image-quality metrics through `torch-fidelity <https://github.com/toshas/torch-fidelity>`_ (0.4.0): FID, KID,
+precision/recall and Inception Score, plus what torch-fidelity lacks: idempotent registration of extractors (also plain
+modules), a reusable batch-wise :class:`FeatureExtractor`, FID against precomputed ``{'mu', 'sigma'}``
+statistics (EDM's ``.npz``), and a clear error when the Inception weights are missing. Output keys:
+:data:`METRIC_KEYS` (``fid``, ``kid_mean``, ``kid_std``, ``precision``, ``recall``, ``f_score``, ``isc_mean``,
+``isc_std``).
 """
 
 from __future__ import annotations
@@ -53,53 +40,34 @@ INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
 INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
 
 #: torch-fidelity's result keys -> the short keys returned by :func:`compute_metrics`.
-METRIC_KEYS = {
-    KEY_METRIC_FID: "fid",
-    KEY_METRIC_KID_MEAN: "kid_mean",
-    KEY_METRIC_KID_STD: "kid_std",
-    KEY_METRIC_PRECISION: "precision",
-    KEY_METRIC_RECALL: "recall",
-    KEY_METRIC_F_SCORE: "f_score",
-    KEY_METRIC_ISC_MEAN: "isc_mean",
-    KEY_METRIC_ISC_STD: "isc_std",
-}
+METRIC_KEYS = {KEY_METRIC_FID: "fid", KEY_METRIC_KID_MEAN: "kid_mean", KEY_METRIC_KID_STD: "kid_std",
+               KEY_METRIC_PRECISION: "precision", KEY_METRIC_RECALL: "recall", KEY_METRIC_F_SCORE: "f_score",
+               KEY_METRIC_ISC_MEAN: "isc_mean", KEY_METRIC_ISC_STD: "isc_std"}
 
 # Names torch-fidelity registers itself: never replaced, so "inception-v3-compat" always means the real thing.
 _BUILTIN_EXTRACTORS = frozenset(tf_registry.FEATURE_EXTRACTORS_REGISTRY)
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Inception weights.
 
 class InceptionWeightsMissing(FileNotFoundError):
     """torch-fidelity's Inception weights are not cached and could not be downloaded."""
 
 
 def inception_weights_path() -> Path:
-    """Where torch-fidelity looks for the Inception weights: ``<torch hub dir>/checkpoints/<file>``.
-
-    torch-fidelity loads them with ``torch.hub.load_state_dict_from_url``, whose cache is
-    ``torch.hub.get_dir()/checkpoints`` (``$TORCH_HOME/hub/checkpoints``, by default ``~/.cache/torch/hub/checkpoints``).
-    """
+    """Where torch-fidelity (``torch.hub.load_state_dict_from_url``) looks for the Inception weights:
+    ``torch.hub.get_dir()/checkpoints/<file>``, i.e. ``$TORCH_HOME/hub/checkpoints``."""
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
 
 
 def _missing_weights_message(path: Path, reason: str) -> str:
-    return (
-        f"torch-fidelity's Inception-v3 weights are missing and could not be downloaded ({reason}).\n"
-        f"Place the file {INCEPTION_WEIGHTS_FILE} at\n    {path}\n"
-        f"(download it on a machine with network access from {INCEPTION_WEIGHTS_URL}; the directory is "
-        f"torch.hub.get_dir()/checkpoints, i.e. $TORCH_HOME/hub/checkpoints), or pass "
-        f"feature_extractor_weights_path=<path to the file>."
-    )
+    return (f"torch-fidelity's Inception-v3 weights are missing and could not be downloaded ({reason}). Place the "
+            f"file {INCEPTION_WEIGHTS_FILE} at {path} (download it where there is network access from "
+            f"{INCEPTION_WEIGHTS_URL}; the directory is torch.hub.get_dir()/checkpoints, i.e. "
+            f"$TORCH_HOME/hub/checkpoints), or pass feature_extractor_weights_path=<path to the file>.")
 
 
 def ensure_inception_weights(download: bool = True, progress: bool = False) -> Path:
-    """Return the path of the cached Inception weights, downloading them once if needed.
-
-    Raises :class:`InceptionWeightsMissing` naming the file, the directory it must be placed in and the URL, when the
-    file is absent and cannot be fetched (no network) or ``download`` is False.
-    """
+    """Path of the cached Inception weights, downloaded once if needed; :class:`InceptionWeightsMissing` (naming the
+    file, its directory and the URL) when absent and not downloadable."""
     path = inception_weights_path()
     if path.is_file():
         return path
@@ -126,38 +94,21 @@ def _check_weights_available(feature_extractor: str, kwargs: Mapping) -> None:
     ensure_inception_weights(progress=bool(kwargs.get("verbose", False)))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Registration of custom feature extractors.
-
 def module_extractor(module: nn.Module) -> type:
-    """A ``torch_fidelity.FeatureExtractorBase`` subclass around ``module``: uint8 ``[N, C, H, W]`` -> ``[N, D]``.
-
-    It provides one feature, ``"features"``, used for every metric. Each instance torch-fidelity creates works on a
-    deep copy, so torch-fidelity's ``eval()``/``requires_grad_(False)``/``cuda()`` never touch the caller's module.
-    """
+    """A ``FeatureExtractorBase`` subclass around ``module`` (uint8 ``[N, C, H, W]`` -> ``[N, D]``), with one feature,
+    ``"features"``, for every metric; each instance works on a deep copy, so the caller's module is never touched."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"a feature extractor must be an nn.Module, got {type(module).__name__}")
 
     class _ModuleExtractor(FeatureExtractorBase):
+        get_provided_features_list = staticmethod(lambda: ("features",))
+        get_default_feature_layer_for_metric = staticmethod(lambda metric: "features")
+        can_be_compiled = staticmethod(lambda: False)
+        get_dummy_input_for_compile = None
+
         def __init__(self, name, features_list, **kwargs):
             super().__init__(name, features_list)
             self.net = copy.deepcopy(module)
-
-        @staticmethod
-        def get_provided_features_list():
-            return ("features",)
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric):
-            return "features"
-
-        @staticmethod
-        def can_be_compiled():
-            return False
-
-        @staticmethod
-        def get_dummy_input_for_compile():
-            raise NotImplementedError
 
         def forward(self, x):
             return (self.net(x).reshape(x.shape[0], -1).to(torch.float32),)
@@ -172,18 +123,9 @@ def is_registered(name: str) -> bool:
 
 
 def register_feature_extractor(name: str, cls_or_module, *, replace: bool = True) -> type:
-    """Register a feature extractor with torch-fidelity under ``name``; safe to call repeatedly.
-
-    Args:
-        name: registry name, later passed as ``feature_extractor=name``.
-        cls_or_module: a ``FeatureExtractorBase`` subclass, or an ``nn.Module`` mapping uint8 images to features
-            (wrapped with :func:`module_extractor`).
-        replace: when ``name`` already holds a different class, replace it (the usual case when a notebook cell or
-            a retrained classifier re-registers). With ``replace=False`` that raises ``ValueError``.
-
-    Registering the same class again is a no-op. torch-fidelity's own names (``inception-v3-compat``, ``vgg16``,
-    ``clip-*``, ``dinov2-*``) are never replaced. Returns the registered class.
-    """
+    """Register ``cls_or_module`` (a ``FeatureExtractorBase`` subclass, or an ``nn.Module`` wrapped by
+    :func:`module_extractor`) under ``name``; returns the class. The same class again is a no-op; a different one
+    replaces the entry (``replace=False``: ValueError); torch-fidelity's own names are never replaced."""
     is_class = isinstance(cls_or_module, type) and issubclass(cls_or_module, FeatureExtractorBase)
     cls = cls_or_module if is_class else module_extractor(cls_or_module)
     current = tf_registry.FEATURE_EXTRACTORS_REGISTRY.get(name)
@@ -200,9 +142,6 @@ def register_feature_extractor(name: str, cls_or_module, *, replace: bool = True
     torch_fidelity.register_feature_extractor(name, cls)
     return cls
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Inputs.
 
 class UInt8ImageDataset(torch.utils.data.Dataset):
     """A uint8 ``[N, C, H, W]`` tensor as the Dataset torch-fidelity expects (one CHW uint8 image per item)."""
@@ -239,10 +178,6 @@ def _tile_gray(x: torch.Tensor, feature_extractor: str) -> torch.Tensor:
     return x
 
 
-def _is_stats(x) -> bool:
-    return isinstance(x, Mapping) and "mu" in x and "sigma" in x
-
-
 def _short(metrics: Mapping) -> dict:
     return {METRIC_KEYS.get(k, k): float(v) for k, v in metrics.items()}
 
@@ -250,23 +185,12 @@ def _short(metrics: Mapping) -> dict:
 def compute_metrics(generated, reference=None, *, feature_extractor: str = INCEPTION, fid: bool = True,
                     kid: bool = False, prc: bool = False, isc: bool = False, cuda: bool = False, batch_size: int = 64,
                     kid_subset_size: int | None = None, verbose: bool = False, **kw) -> dict:
-    """Metrics of ``generated`` images against ``reference`` through ``torch_fidelity.calculate_metrics``.
+    """Metrics of ``generated`` against ``reference`` through ``torch_fidelity.calculate_metrics``; short keys.
 
-    Args:
-        generated: uint8 ``[N, C, H, W]`` tensor/array, or any torch-fidelity input (Dataset, registered name,
-            directory of PNGs, generative model).
-        reference: same kinds as ``generated``; or a dict ``{'mu': [D], 'sigma': [D, D]}`` of precomputed feature
-            statistics (then only FID can be computed). Not needed for ``isc`` alone.
-        feature_extractor: registered torch-fidelity name (default: the TF-compatible Inception-v3).
-        fid, kid, prc, isc: which metrics. ``isc`` uses only ``generated``.
-        cuda: run the feature extractor on the GPU.
-        batch_size: images per feature-extraction batch.
-        kid_subset_size: KID subset size; default ``min(1000, N_generated, N_reference)`` so small sets work.
-        **kw: passed to ``calculate_metrics`` (e.g. ``kid_subsets``, ``prc_neighborhood``, ``isc_splits``,
-            ``feature_extractor_internal_dtype='float64'``, ``feature_extractor_weights_path``, ``rng_seed``).
-
-    Returns a dict with the short keys of :data:`METRIC_KEYS`, floats. Grayscale images are tiled to RGB for
-    Inception. torch-fidelity's on-disk feature cache is off unless ``cache=True`` is passed.
+    Inputs: uint8 ``[N, C, H, W]`` tensors/arrays or any torch-fidelity input; ``reference`` may also be
+    ``{'mu', 'sigma'}`` statistics (FID only) and is not needed for ``isc`` alone. KID's subset size defaults to
+    ``min(1000, N_gen, N_ref)``; ``**kw`` goes to ``calculate_metrics``. Grayscale is tiled to RGB for Inception;
+    torch-fidelity's on-disk cache is off unless ``cache=True``.
     """
     if not (fid or kid or prc or isc):
         raise ValueError("compute_metrics: select at least one of fid, kid, prc, isc")
@@ -274,7 +198,7 @@ def compute_metrics(generated, reference=None, *, feature_extractor: str = INCEP
     if torch.is_tensor(generated) or isinstance(generated, np.ndarray):
         generated = UInt8ImageDataset(_tile_gray(as_uint8_images(generated, what="generated"), feature_extractor))
 
-    if _is_stats(reference):
+    if isinstance(reference, Mapping) and "mu" in reference and "sigma" in reference:
         if kid or prc:
             raise ValueError("KID and precision/recall need reference images or features; a {'mu', 'sigma'} "
                              "reference only supports FID")
@@ -297,31 +221,16 @@ def compute_metrics(generated, reference=None, *, feature_extractor: str = INCEP
         sizes = [len(d) for d in (generated, reference) if isinstance(d, torch.utils.data.Dataset)]
         kid_subset_size = min([1000] + sizes)
     args = dict(input1=generated, feature_extractor=feature_extractor, fid=fid, kid=kid, prc=prc, isc=isc,
-                cuda=cuda, batch_size=batch_size, verbose=verbose, cache=False, save_cpu_ram=True)
-    if reference is not None and (fid or kid or prc):
-        args["input2"] = reference
-    if kid:
-        args["kid_subset_size"] = int(kid_subset_size)
-    args.update(kw)
-    return _short(torch_fidelity.calculate_metrics(**args))
+                cuda=cuda, batch_size=batch_size, verbose=verbose, cache=False, save_cpu_ram=True,
+                **({"input2": reference} if reference is not None and (fid or kid or prc) else {}),
+                **({"kid_subset_size": int(kid_subset_size)} if kid else {}))
+    return _short(torch_fidelity.calculate_metrics(**{**args, **kw}))
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Batch-wise feature extraction and statistics.
 
 class FeatureExtractor:
-    """A torch-fidelity feature extractor created once, applied to uint8 batches.
-
-    Args:
-        name: registered feature-extractor name.
-        metrics: which metrics' default layers to extract ("fid", "isc", "prc", "kid"); the layer names come from
-            the extractor (Inception: fid/kid/prc -> "2048", isc -> "logits_unbiased").
-        cuda: run on the GPU.
-        **kw: torch-fidelity kwargs for the extractor (``feature_extractor_weights_path``,
-            ``feature_extractor_internal_dtype``, ...).
-
-    ``extractor(images)`` returns ``{metric: float32 [N, D] on CPU}``.
-    """
+    """A torch-fidelity feature extractor created once; ``extractor(uint8 images)`` returns ``{metric: float32
+    [N, D] on CPU}`` for the default layer of each of ``metrics`` ("fid", "isc", "prc", "kid"; Inception: "2048" and
+    "logits_unbiased"). ``**kw``: torch-fidelity kwargs (``feature_extractor_weights_path``, ...)."""
 
     def __init__(self, name: str = INCEPTION, metrics: Iterable[str] = ("fid",), *, cuda: bool = False,
                  verbose: bool = False, **kw):
@@ -329,13 +238,11 @@ class FeatureExtractor:
             raise ValueError(f"feature extractor {name!r} is not registered with torch-fidelity; registered: "
                              f"{sorted(tf_registry.FEATURE_EXTRACTORS_REGISTRY)}")
         _check_weights_available(name, {**kw, "verbose": verbose})
-        self.name = name
-        self.metrics = tuple(dict.fromkeys(metrics))
+        self.name, self.metrics, self.cuda = name, tuple(dict.fromkeys(metrics)), cuda
         self.layers = {m: resolve_feature_layer_for_metric(m, feature_extractor=name, **kw) for m in self.metrics}
-        self.cuda = cuda
         self.device = torch.device("cuda" if cuda else "cpu")
-        layer_list = list(dict.fromkeys(self.layers.values()))
-        self.module = create_feature_extractor(name, layer_list, cuda=cuda, verbose=verbose, **kw)
+        self.module = create_feature_extractor(name, list(dict.fromkeys(self.layers.values())), cuda=cuda,
+                                               verbose=verbose, **kw)
 
     def __enter__(self):
         return self
@@ -357,20 +264,14 @@ class FeatureExtractor:
         return self.extract_dataset(UInt8ImageDataset(as_uint8_images(images)), batch_size=batch_size)
 
     def extract_dataset(self, dataset, batch_size: int = 64) -> dict:
-        parts: dict[str, list] = {m: [] for m in self.metrics}
-        for start in range(0, len(dataset), batch_size):
-            batch = torch.stack([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            for m, f in self(batch).items():
-                parts[m].append(f)
-        return {m: torch.cat(v) for m, v in parts.items()}
+        parts = [self(torch.stack([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]))
+                 for s in range(0, len(dataset), batch_size)]
+        return {m: torch.cat([p[m] for p in parts]) for m in self.metrics}
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-    """Mean ``[D]`` and unbiased covariance ``[D, D]`` (1/(N-1), as EDM's ``fid.py``) of features ``[N, D]``, float64.
-
-    Delegates to ``torch_fidelity.metric_fid.fid_features_to_statistics``; features are promoted to float64 first so
-    the mean is accumulated in double precision as in EDM/SiD.
-    """
+    """Mean ``[D]`` and unbiased covariance ``[D, D]`` (1/(N-1), as EDM's ``fid.py``) of features ``[N, D]``, in
+    float64 (``fid_features_to_statistics`` on float64 features, as EDM accumulates)."""
     f = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features)
     if f.dim() != 2 or f.shape[0] < 2:
         raise ValueError(f"features must be [N, D] with N >= 2, got {tuple(f.shape)}")
@@ -379,10 +280,7 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fid_from_statistics(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) via ``fid_statistics_to_metric``.
-
-    ``mu*``: ``[D]``; ``sigma*``: ``[D, D]``; cast to float64 (torch-fidelity requires equal dtypes).
-    """
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (``fid_statistics_to_metric``, float64)."""
     mu1, mu2 = (np.asarray(m, dtype=np.float64) for m in (mu1, mu2))
     sigma1, sigma2 = (np.asarray(s, dtype=np.float64) for s in (sigma1, sigma2))
     if mu1.ndim != 1 or mu1.shape != mu2.shape:
@@ -401,14 +299,8 @@ def inception_score(logits, *, splits: int = 10, rng_seed: int = 2020) -> dict:
 
 def precision_recall(generated_features, reference_features, *, neighborhood: int = 3, batch_size: int = 10000,
                      device=None) -> dict:
-    """Improved precision/recall (k-NN manifolds, Kynkaanniemi et al.) via ``prc_features_to_metric``.
-
-    Features ``[N, D]`` / ``[M, D]``; computed batch-wise (torch-fidelity's ``save_cpu_ram`` path), optionally on
-    ``device``. Returns ``{'precision', 'recall', 'f_score'}``.
-    """
-    g = torch.as_tensor(generated_features, dtype=torch.float32)
-    r = torch.as_tensor(reference_features, dtype=torch.float32)
-    if device is not None:
-        g, r = g.to(device), r.to(device)
+    """Improved precision/recall (Kynkaanniemi et al. 2019) of features ``[N, D]`` vs ``[M, D]`` via
+    ``prc_features_to_metric`` (batch-wise); ``{'precision', 'recall', 'f_score'}``."""
+    g, r = (torch.as_tensor(f, dtype=torch.float32).to(device or "cpu") for f in (generated_features, reference_features))
     return _short(prc_features_to_metric(g, r, prc_neighborhood=neighborhood, prc_batch_size=batch_size,
                                          save_cpu_ram=True, verbose=False))

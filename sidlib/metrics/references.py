@@ -1,47 +1,42 @@
-"""Reference statistics for the paper's FID protocol and the ImageNet-64 precision/recall reference batch.
+"""Reference files of the paper's FID protocol, and reference statistics of a dataset (EDM's ``fid.py ref``).
 
-* EDM's FID references (``.npz`` with ``mu`` ``[2048]`` and ``sigma`` ``[2048, 2048]``: Inception pool features of
-  the training set, built by EDM's ``fid.py ref``), one per dataset, from ``nvlabs-fi-cdn.nvidia.com/edm/fid-refs``.
-  SiD compares against exactly these (``--data_stat``).
-* OpenAI's ``VIRTUAL_imagenet64_labeled.npz`` (key ``arr_0``: uint8 images ``[N, 64, 64, 3]``), used by SiD for
-  ImageNet-64 precision/recall only; FID on ImageNet uses EDM's ``imagenet-64x64.npz``. Mixing them makes numbers
-  incomparable with the paper's.
+* EDM's FID references (``.npz``: ``mu`` ``[2048]``, ``sigma`` ``[2048, 2048]``, Inception pool features of the
+  training set) from ``nvlabs-fi-cdn.nvidia.com/edm/fid-refs``; SiD compares against exactly these (``--data_stat``).
+* OpenAI's ``VIRTUAL_imagenet64_labeled.npz`` (``arr_0``: uint8 ``[N, 64, 64, 3]``), used by SiD for ImageNet-64
+  precision/recall only (FID on ImageNet uses EDM's ``imagenet-64x64.npz``).
+* :func:`dataset_statistics`: ``mu``/``sigma`` of a dataset laid out as EDM's ``dataset_tool.py`` writes it (images
+  in a folder or zip, labels in ``dataset.json``); :func:`label_frequencies`: its class frequencies.
 
-Files are fetched into the download cache with :func:`sidlib.io.download.download` (``file://`` URLs work
-offline); ``python -m sidlib.metrics fetch NAME --out PATH`` does it from the command line.
+Files are fetched into the download cache (:func:`sidlib.io.download.download`; ``file://`` URLs work offline).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from ..io.atomic import atomic_open
 from ..io.download import download
 from ..io.registry import is_url
 
-__all__ = [
-    "FEATURE_DIM", "FID_REFERENCES", "PR_REFERENCES",
-    "ReferenceFileError", "reference_url", "fetch_reference", "load_reference_stats", "save_reference_stats",
-    "load_reference_images",
-]
+__all__ = ["FEATURE_DIM", "FID_REFERENCES", "PR_REFERENCES", "ReferenceFileError", "reference_url", "fetch_reference",
+           "load_reference_stats", "save_reference_stats", "load_reference_images", "DatasetImages",
+           "dataset_statistics", "label_frequencies"]
 
 #: Dimension of the Inception-v3 pool features the EDM references hold.
 FEATURE_DIM = 2048
 
-_EDM_REFS = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"
-
-#: EDM FID reference statistics, name -> URL (NVlabs/edm README).
+#: EDM FID reference statistics, name -> URL (NVlabs/edm README; the ADM "baseline" one is not used by SiD).
 FID_REFERENCES: dict[str, str] = {
-    "cifar10-32x32": _EDM_REFS + "cifar10-32x32.npz",
-    "imagenet-64x64": _EDM_REFS + "imagenet-64x64.npz",
-    "imagenet-64x64-baseline": _EDM_REFS + "imagenet-64x64-baseline.npz",  # ADM baseline data; not used by SiD
-    "ffhq-64x64": _EDM_REFS + "ffhq-64x64.npz",
-    "afhqv2-64x64": _EDM_REFS + "afhqv2-64x64.npz",
-}
+    n: f"https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/{n}.npz"
+    for n in ("cifar10-32x32", "imagenet-64x64", "imagenet-64x64-baseline", "ffhq-64x64", "afhqv2-64x64")}
 
 #: Precision/recall reference image batches, name -> URL (OpenAI guided-diffusion evaluation batch).
 PR_REFERENCES: dict[str, str] = {
@@ -49,19 +44,14 @@ PR_REFERENCES: dict[str, str] = {
                          "VIRTUAL_imagenet64_labeled.npz",
 }
 
+
 class ReferenceFileError(ValueError):
     """A reference file is missing, unknown, or does not have the expected keys/shapes."""
 
 
-def _all_names() -> dict[str, str]:
-    names = dict(FID_REFERENCES)
-    names.update(PR_REFERENCES)
-    return names
-
-
 def reference_url(name: str) -> str:
     """URL of a known reference (a key of :data:`FID_REFERENCES` or :data:`PR_REFERENCES`)."""
-    names = _all_names()
+    names = {**FID_REFERENCES, **PR_REFERENCES}
     if name not in names:
         raise ReferenceFileError(f"unknown reference {name!r}; known references: {sorted(names)}")
     return names[name]
@@ -69,10 +59,7 @@ def reference_url(name: str) -> str:
 
 def fetch_reference(source: str | os.PathLike, *, cache_dir=None, sha256: str | None = None,
                     progress: bool = True) -> Path:
-    """Local path of a reference: an existing file, a URL (downloaded once), or a known reference name.
-
-    Raises :class:`ReferenceFileError` for a path that does not exist and is neither a URL nor a known name.
-    """
+    """Local path of a reference: an existing file, a URL (downloaded once), or a known reference name."""
     text = os.fspath(source)
     if Path(text).expanduser().is_file():
         return Path(text).expanduser()
@@ -95,12 +82,8 @@ def _open_npz(path: Path):
 
 
 def load_reference_stats(path: str | os.PathLike, *, dim: int | None = FEATURE_DIM) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``mu`` ``[dim]`` and ``sigma`` ``[dim, dim]`` (float64) from an EDM-style ``.npz``.
-
-    dim: expected feature dimension (2048 for Inception); None accepts any D with consistent shapes (custom
-    extractors such as the digits classifier). Wrong or missing keys/shapes raise :class:`ReferenceFileError` naming
-    the file, the key, the expected shape and the shape found.
-    """
+    """``mu`` ``[dim]`` and ``sigma`` ``[dim, dim]`` (float64) of an EDM-style ``.npz``; ``dim=None`` accepts any
+    consistent width. Wrong keys or shapes raise :class:`ReferenceFileError` naming the file, key and shapes."""
     path = Path(path)
     with _open_npz(path) as data:
         for key in ("mu", "sigma"):
@@ -143,3 +126,107 @@ def load_reference_images(path: str | os.PathLike, key: str = "arr_0", limit: in
     if limit is not None:
         arr = arr[:limit]
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
+
+
+class DatasetImages(torch.utils.data.Dataset):
+    """A dataset as EDM's ``dataset_tool.py`` writes it: images (any PIL format) in a folder, searched recursively,
+    or a zip, in the order of their sorted relative names (EDM's ``ImageFolderDataset``); uint8 ``[C, H, W]`` items.
+    ``labels()``: the integer labels of ``dataset.json`` (``{"labels": [[name, label], ...]}``) or None."""
+
+    def __init__(self, path):
+        import PIL.Image
+        PIL.Image.init()
+        self.path = Path(path)
+        if self.path.is_dir():
+            names = [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()]
+        elif zipfile.is_zipfile(self.path):
+            names = zipfile.ZipFile(self.path).namelist()
+        else:
+            raise ReferenceFileError(f"dataset {path} is not a folder or a zip file")
+        self.names = sorted(n for n in names if os.path.splitext(n)[1].lower() in PIL.Image.EXTENSION)
+        self.all_names, self._zip = set(names), None
+        if not self.names:
+            raise ReferenceFileError(f"dataset {path} holds no images")
+
+    def _open(self, name):
+        if self.path.is_dir():
+            return open(self.path / name, "rb")
+        self._zip = self._zip or zipfile.ZipFile(self.path)
+        return io.BytesIO(self._zip.read(name))
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        import PIL.Image
+        with self._open(self.names[i]) as f:
+            a = np.array(PIL.Image.open(f))
+        return torch.from_numpy(np.ascontiguousarray((a[:, :, None] if a.ndim == 2 else a).transpose(2, 0, 1)))
+
+    def labels(self) -> np.ndarray | None:
+        if "dataset.json" not in self.all_names:
+            return None
+        with self._open("dataset.json") as f:
+            raw = json.load(f).get("labels")
+        if raw is None:
+            return None
+        table = dict(raw)
+        missing = [n for n in self.names if n not in table]
+        if missing:
+            raise ReferenceFileError(f"{self.path}/dataset.json has no label for {missing[0]} (and {len(missing) - 1} more)")
+        return np.array([table[n] for n in self.names], dtype=np.int64)
+
+
+@torch.no_grad()
+def dataset_statistics(data, *, feature_extractor: str | None = None, batch_size: int = 64, device=None,
+                       max_images: int | None = None, extractor_kwargs=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(mu, sigma, n)`` of the features of a dataset folder or zip, accumulated in float64 as EDM's ``fid.py ref``
+    (sum of features and of outer products, all-reduced over ``torchrun`` ranks; rank r takes images r, r+W, ...).
+    feature_extractor: default torch-fidelity's Inception-v3 (grayscale tiled to RGB)."""
+    from .. import distributed as dist_utils
+    from .fidelity import INCEPTION, FeatureExtractor
+
+    ds = DatasetImages(data)
+    n = min(len(ds), max_images or len(ds))
+    if n < 2:
+        raise ReferenceFileError(f"dataset {data}: {n} image(s), need at least 2")
+    device = torch.device(device or "cpu")
+    fe = FeatureExtractor(feature_extractor or INCEPTION, ["fid"], cuda=device.type == "cuda", **(extractor_kwargs or {}))
+    mine = list(range(n))[dist_utils.rank()::dist_utils.world_size()]
+    acc = None
+    for i in range(0, len(mine), batch_size):
+        f = fe(torch.stack([ds[j] for j in mine[i:i + batch_size]]))["fid"].to(device, torch.float64)
+        acc = [f.sum(0), f.T @ f] if acc is None else [acc[0] + f.sum(0), acc[1] + f.T @ f]
+    dim = int(fe(torch.zeros([1, *ds[0].shape], dtype=torch.uint8))["fid"].shape[1])
+    mu, outer = acc if acc is not None else [torch.zeros(dim, dtype=torch.float64, device=device),
+                                             torch.zeros(dim, dim, dtype=torch.float64, device=device)]
+    mu, outer = dist_utils.all_reduce_sum(mu) / n, dist_utils.all_reduce_sum(outer)
+    sigma = (outer - torch.outer(mu, mu) * n) / (n - 1)
+    return mu.cpu().numpy(), sigma.cpu().numpy(), n
+
+
+def label_frequencies(source, num_classes: int | None = None) -> list[float]:
+    """Class frequencies (normalised) from a list of numbers, a string ``"0.1,0.2,..."``, a YAML/JSON file holding
+    a list, or a dataset (folder, zip or ``dataset.json``) whose labels are counted; ``num_classes`` checks the
+    length (and pads counted labels with zeros)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir() or (path.is_file() and zipfile.is_zipfile(path)):
+            labels = DatasetImages(path).labels()
+            if labels is None:
+                raise ReferenceFileError(f"dataset {path} has no labels (dataset.json)")
+            source = np.bincount(labels, minlength=num_classes or 0).tolist()
+        elif path.is_file():
+            source = yaml.safe_load(path.read_text(encoding="utf-8"))
+            if isinstance(source, dict) and "labels" in source:
+                source = np.bincount([int(v) for _, v in source["labels"]], minlength=num_classes or 0).tolist()
+        elif "," in str(source):
+            source = [float(v) for v in str(source).split(",")]
+        else:
+            raise ReferenceFileError(f"class frequencies {source!r}: not a file, a dataset or a comma-separated list")
+    p = np.asarray(source, dtype=np.float64)
+    if p.ndim != 1 or not len(p) or (p < 0).any() or not np.isfinite(p).all() or p.sum() <= 0:
+        raise ReferenceFileError(f"class frequencies must be non-negative numbers with a positive sum, got {source!r}")
+    if num_classes is not None and len(p) != num_classes:
+        raise ReferenceFileError(f"{len(p)} class frequencies for {num_classes} classes")
+    return (p / p.sum()).tolist()

@@ -1,9 +1,8 @@
-"""DhariwalUNet: the ADM U-Net (Dhariwal & Nichol) as used by EDM for ImageNet-64.
+"""DhariwalUNet: the ADM U-Net (Dhariwal & Nichol 2021) as in EDM's ``training/networks.py`` (ImageNet-64).
 
-Differences from SongUNet that matter for exact reproduction: scale/shift conditioning
-(``adaptive_scale``), skip_scale 1, GroupNorm eps 1e-5, weightless skip paths in resampling blocks
-with unchanged width, 64 channels per attention head, a positional embedding *without* the sin/cos
-swap, and class labels added after ``map_layer1`` through a bias-free layer without sqrt scaling.
+Differences from SongUNet: scale/shift conditioning, skip_scale 1, GroupNorm eps 1e-5, weightless skip paths in
+resampling blocks of unchanged width, 64 channels per head, no sin/cos swap, class labels added after
+``map_layer1`` by a bias-free layer without sqrt(label_dim) scaling.
 """
 
 import numpy as np
@@ -16,25 +15,7 @@ __all__ = ['DhariwalUNet']
 
 
 class DhariwalUNet(torch.nn.Module):
-    """ADM U-Net ``F(x; c_noise, labels)``.
-
-    Args (identical to EDM's):
-        img_resolution: input/output side length ``R``.
-        in_channels, out_channels: image channels in and out.
-        label_dim: number of classes (0 = unconditional; ImageNet uses 1000).
-        augment_dim: size of the augmentation-label vector (0 = none).
-        model_channels: base width (192).
-        channel_mult: width multiplier per resolution level ([1, 2, 3, 4]).
-        channel_mult_emb: embedding width = ``model_channels * channel_mult_emb`` (768).
-        num_blocks: residual blocks per encoder level (the decoder has one more).
-        attn_resolutions: resolutions with self-attention ([32, 16, 8]); heads = width / 64.
-        dropout: dropout probability inside residual blocks (training only).
-        label_dropout: probability of zeroing a sample's class label in training.
-
-    Forward shapes: ``x [N, in_channels, R, R]``, ``noise_labels [N]`` (or ``[1]``),
-    ``class_labels [N or 1, label_dim]`` or None, ``augment_labels [N, augment_dim]`` or None
-    -> ``[N, out_channels, R, R]``.
-    """
+    """ADM U-Net ``F(x; noise_labels, class_labels, augment_labels)`` (shapes as SongUNet); EDM's arguments."""
 
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
                  model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
@@ -47,7 +28,7 @@ class DhariwalUNet(torch.nn.Module):
         block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout,
                             init=init, init_zero=init_zero)
 
-        # Mapping network (registration order fixes the state_dict order: map_label comes last).
+        # Mapping network (registration order fixes the state_dict order: map_label last).
         self.map_noise = PositionalEmbedding(model_channels)
         self.map_augment = (Linear(augment_dim, model_channels, bias=False, init_mode='kaiming_normal',
                                    init_weight=np.sqrt(2)) if augment_dim else None)
@@ -72,7 +53,7 @@ class DhariwalUNet(torch.nn.Module):
                                                                 **block_kwargs)
         skips = [block.out_channels for block in self.enc.values()]
 
-        # Decoder: every `block{idx}` consumes one skip, concatenated after the running features.
+        # Decoder: every `block{idx}` consumes one skip, concatenated after the features.
         self.dec = torch.nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
@@ -89,7 +70,6 @@ class DhariwalUNet(torch.nn.Module):
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
     def embed(self, noise_labels, class_labels=None, augment_labels=None):
-        """Conditioning embedding ``[N, emb_channels]`` (no sin/cos swap; label added after map_layer1)."""
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -110,7 +90,6 @@ class DhariwalUNet(torch.nn.Module):
 
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
-                # Concatenation order is [features, skip].
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
         return self.out_conv(F.silu(self.out_norm(x)))

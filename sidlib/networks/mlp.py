@@ -1,10 +1,6 @@
-"""MLPNet: a small residual MLP denoiser for low-dimensional data.
-
-Low-dimensional data (e.g. 2-D toy distributions) are stored as ``[N, C, 1, 1]`` "images" so the
-same preconditioning wrappers, losses and samplers serve them unchanged:
+"""MLPNet: a small residual MLP denoiser for low-dimensional data stored as ``[N, C, 1, 1]`` "images", so the
+preconditioning wrappers, losses and samplers serve it unchanged, e.g.
 ``EDMPrecond(img_resolution=1, img_channels=2, model_type='MLPNet', model_channels=128, num_layers=4)``.
-The constructor follows the U-Nets' pattern (``img_resolution, in_channels, out_channels,
-label_dim, augment_dim, ...``) so ``EDMPrecond`` builds it the same way.
 """
 
 import numpy as np
@@ -16,21 +12,16 @@ from .layers import FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, dr
 __all__ = ['MLPNet', 'MLPBlock']
 
 _INIT = dict(init_mode='xavier_uniform')
-# Near-zero output layers make every residual block start as the identity and the whole network
-# start near F = 0 (so D(x) starts near c_skip * x), as SongUNet does with its init_zero layers.
+# Near-zero output layers: every block starts as the identity and D(x) near c_skip x (as SongUNet's init_zero).
 _INIT_ZERO = dict(init_mode='xavier_uniform', init_weight=1e-5)
 
 
 class MLPBlock(torch.nn.Module):
-    """Pre-norm residual block ``x + fc1(drop(silu(fc0(silu(norm0(x))) + affine(emb))))``.
-
-    Shapes: ``x [N, channels], emb [N or 1, emb_channels] -> [N, channels]``.
-    """
+    """``x + fc1(drop(silu(fc0(silu(norm0(x))) + affine(emb))))``: ``x [N, C], emb [N, E] -> [N, C]``."""
 
     def __init__(self, channels, emb_channels, dropout=0.0):
         super().__init__()
         self.dropout = dropout
-        # One group = layer norm over the feature dimension.
         self.norm0 = GroupNorm(channels, num_groups=1)
         self.fc0 = Linear(channels, channels, **_INIT)
         self.affine = Linear(emb_channels, channels, **_INIT)
@@ -43,23 +34,9 @@ class MLPBlock(torch.nn.Module):
 
 
 class MLPNet(torch.nn.Module):
-    """Residual MLP ``F(x; c_noise, labels)`` on flattened inputs.
-
-    Args:
-        img_resolution: side length ``R`` of the stored "image" (1 for vector data).
-        in_channels, out_channels: channels ``C`` in and out; the MLP sees ``C * R * R`` features.
-        label_dim: number of classes (0 = unconditional).
-        augment_dim: size of the augmentation-label vector (0 = none).
-        model_channels: hidden width (also the embedding width).
-        num_layers: number of residual blocks.
-        dropout: dropout probability inside the blocks (training only).
-        label_dropout: probability of zeroing a sample's class label in training.
-        embedding_type: 'positional' (sinusoidal, as DDPM++) or 'fourier' (random features, as NCSN++).
-
-    Forward shapes: ``x [N, in_channels, R, R]``, ``noise_labels [N]`` (or ``[1]``),
-    ``class_labels [N or 1, label_dim]`` or None, ``augment_labels [N, augment_dim]`` or None
-    -> ``[N, out_channels, R, R]``.
-    """
+    """Residual MLP ``F(x; c_noise, labels)`` on the ``C R R`` flattened features; ``model_channels`` is the hidden
+    and embedding width, ``num_layers`` the number of blocks, ``embedding_type`` 'positional' or 'fourier'; the rest
+    as SongUNet."""
 
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
                  model_channels=128, num_layers=4, dropout=0.0, label_dropout=0,
@@ -89,7 +66,6 @@ class MLPNet(torch.nn.Module):
         self.out = Linear(model_channels, out_features, **_INIT_ZERO)
 
     def embed(self, noise_labels, class_labels=None, augment_labels=None):
-        """Conditioning embedding ``[N, model_channels]``."""
         emb = self.map_noise(noise_labels)
         if self.map_label is not None:
             labels = drop_labels(class_labels, self.label_dropout, self.training)
@@ -102,7 +78,7 @@ class MLPNet(torch.nn.Module):
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
         n = x.shape[0]
         emb = self.embed(noise_labels, class_labels, augment_labels)
-        h = self.inp(x.reshape(n, -1))
+        h = self.inp(x.flatten(1))
         for block in self.blocks:
             h = block(h, emb)
         h = self.out(F.silu(self.out_norm(h)))

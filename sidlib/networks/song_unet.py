@@ -1,14 +1,6 @@
-"""SongUNet: the DDPM++ / NCSN++ U-Net of EDM (Song et al.'s score-SDE architectures).
-
-Two paper variants differ only in constructor kwargs (as set by EDM's ``--arch``):
-
-* DDPM++: ``embedding_type='positional', encoder_type='standard', channel_mult_noise=1,
-  resample_filter=[1, 1]``.
-* NCSN++: ``embedding_type='fourier', encoder_type='residual', channel_mult_noise=2,
-  resample_filter=[1, 3, 3, 1]``.
-
-Module names, registration order and parameter shapes follow EDM exactly, so EDM state_dicts load
-strictly (``model.enc.32x32_block0.conv0.weight`` etc.).
+"""SongUNet: EDM's DDPM++ / NCSN++ U-Net (EDM's ``training/networks.py``), with EDM's module names, registration
+order and shapes (``model.enc.32x32_block0.conv0.weight`` ...), so EDM state_dicts load strictly. The variants
+differ in kwargs only (see :data:`sidlib.networks.ARCHITECTURES`).
 """
 
 import numpy as np
@@ -21,30 +13,8 @@ __all__ = ['SongUNet']
 
 
 class SongUNet(torch.nn.Module):
-    """DDPM++ / NCSN++ U-Net ``F(x; c_noise, labels)``.
-
-    Args (identical to EDM's):
-        img_resolution: input/output side length ``R`` (power of two times ``2**(len(channel_mult)-1)``).
-        in_channels, out_channels: image channels in and out.
-        label_dim: number of classes (0 = unconditional).
-        augment_dim: size of the augmentation-label vector (0 = none; EDM uses 9).
-        model_channels: base width (128).
-        channel_mult: width multiplier per resolution level.
-        channel_mult_emb: embedding width = ``model_channels * channel_mult_emb`` (512).
-        num_blocks: residual blocks per encoder level (the decoder has one more).
-        attn_resolutions: resolutions whose blocks get self-attention.
-        dropout: dropout probability inside residual blocks (training only).
-        label_dropout: probability of zeroing a sample's class label in training (for CFG).
-        embedding_type: 'positional' (DDPM++) or 'fourier' (NCSN++).
-        channel_mult_noise: noise-embedding width = ``model_channels * channel_mult_noise``.
-        encoder_type: 'standard', 'skip' (DDPM++ with input skips) or 'residual' (NCSN++).
-        decoder_type: 'standard' or 'skip'.
-        resample_filter: FIR taps for up/down-sampling ([1, 1] DDPM++, [1, 3, 3, 1] NCSN++).
-
-    Forward shapes: ``x [N, in_channels, R, R]``, ``noise_labels [N]`` (or ``[1]``, broadcast),
-    ``class_labels [N or 1, label_dim]`` (one-hot, float) or None,
-    ``augment_labels [N, augment_dim]`` or None  ->  ``[N, out_channels, R, R]``.
-    """
+    """DDPM++ / NCSN++ U-Net ``F(x [N, C, R, R]; noise_labels [N], class_labels [N, label_dim] | None,
+    augment_labels [N, augment_dim] | None) -> [N, C_out, R, R]``; constructor arguments are EDM's."""
 
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
                  model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4, num_blocks=4,
@@ -69,7 +39,7 @@ class SongUNet(torch.nn.Module):
                             resample_proj=True, adaptive_scale=False,
                             init=init, init_zero=init_zero, init_attn=init_attn)
 
-        # Mapping network (registration order fixes the state_dict order).
+        # Mapping network (the registration order fixes the state_dict order).
         if embedding_type == 'positional':
             self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
         else:
@@ -79,8 +49,7 @@ class SongUNet(torch.nn.Module):
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
-        # Encoder. `cout` tracks the running feature width, `caux` the width of the auxiliary
-        # (input-image or residual) path.
+        # Encoder; `caux` is the width of the auxiliary (input-image or residual) path.
         self.enc = torch.nn.ModuleDict()
         cout = in_channels
         caux = in_channels
@@ -104,10 +73,9 @@ class SongUNet(torch.nn.Module):
                 cin, cout = cout, model_channels * mult
                 self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=(res in attn_resolutions),
                                                                 **block_kwargs)
-        # Widths of the tensors the encoder pushes onto the skip stack (aux layers push nothing).
         skips = [block.out_channels for name, block in self.enc.items() if 'aux' not in name]
 
-        # Decoder: every `block{idx}` consumes one skip, concatenated after the running features.
+        # Decoder: every `block{idx}` consumes one skip, concatenated after the features.
         self.dec = torch.nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
@@ -128,13 +96,11 @@ class SongUNet(torch.nn.Module):
                 self.dec[f'{res}x{res}_aux_conv'] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
     def embed(self, noise_labels, class_labels=None, augment_labels=None):
-        """Conditioning embedding ``[N, emb_channels]`` from the noise labels, labels and augment labels."""
         emb = self.map_noise(noise_labels)
         # EDM's SongUNet feeds [sin, cos] rather than [cos, sin]: swap the two halves.
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
         if self.map_label is not None:
             labels = drop_labels(class_labels, self.label_dropout, self.training)
-            # One-hot labels are scaled by sqrt(label_dim) so the embedding has unit-scale inputs.
             emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -153,14 +119,12 @@ class SongUNet(torch.nn.Module):
             elif 'aux_skip' in name:
                 x = skips[-1] = x + block(aux)
             elif 'aux_residual' in name:
-                # NCSN++ residual encoder: the merged features replace the last skip and become the
-                # new auxiliary input of the next level.
                 x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
             else:
                 x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
                 skips.append(x)
 
-        # Decoder. `aux` accumulates the output image (only the last level in the standard decoder).
+        # Decoder; `aux` accumulates the output image.
         aux = None
         tmp = None
         for name, block in self.dec.items():
@@ -173,7 +137,6 @@ class SongUNet(torch.nn.Module):
                 aux = tmp if aux is None else tmp + aux
             else:
                 if x.shape[1] != block.in_channels:
-                    # Concatenation order is [features, skip].
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
         return aux
