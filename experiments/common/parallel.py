@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
+import sys
+import time
 from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
-__all__ = ["run_parallel"]
+__all__ = ["run_parallel", "progress"]
+
+
+def progress(message: str) -> None:
+    """One line of progress on the process's real stderr: inside a notebook run by papermill (and DVC) it reaches
+    the terminal as it happens, and it stays out of the stored notebook."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.__stderr__, flush=True)
 
 
 def _worker(args):
@@ -30,5 +39,16 @@ def run_parallel(fn: Callable, jobs: Sequence[dict], *, workers: int = 2, thread
             return [fn(**j) for j in jobs]
         finally:
             torch.set_num_threads(prev)
-    with mp.get_context("spawn").Pool(min(workers, len(jobs)), maxtasksperchild=1) as pool:
-        return [pickle.loads(b) for b in pool.map(_worker, [(fn, j, threads_per_worker) for j in jobs], chunksize=1)]
+    args = [(fn, j, threads_per_worker) for j in jobs]
+    with mp.get_context("spawn").Pool(min(workers, len(jobs)), maxtasksperchild=1) as pool, \
+            tqdm(total=len(jobs), desc=getattr(fn, "__name__", "jobs"), unit="job", file=sys.__stderr__) as bar:
+        results = [None] * len(jobs)
+        for i, b in pool.imap_unordered(_indexed, list(enumerate(args)), chunksize=1):
+            results[i] = pickle.loads(b)
+            bar.update(1)
+        return results
+
+
+def _indexed(item):
+    i, args = item
+    return i, _worker(args)

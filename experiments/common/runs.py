@@ -111,6 +111,13 @@ def validate_distill(section: dict, name: str, extra_keys=(), fill=None) -> None
             for k, w in where.items():  # a grid value is reported where it was written
                 msg = msg.replace(f"{name}.distill.{k}:", f"{w}:")
             raise ParamsError(msg) from None
+    shadowed = {k: v for k, v in section["distill"].items() if all(k in r.point for r in all_runs)}
+    if shadowed and all_runs:  # a default every grid overrides is still checked, in the first run's context
+        try:
+            DistillConfig.from_dict({**all_runs[0].config, **shadowed}, where=f"{name}.distill.").validate(
+                where=f"{name}.distill.")
+        except ConfigError as e:
+            raise ParamsError(str(e)) from None
     digests = [config_digest(r.config) for r in all_runs]
     for i, d in enumerate(digests):
         if digests.index(d) != i:

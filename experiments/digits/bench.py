@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sidlib.distill import distill
+from sidlib.distill import DistillConfig, distill
 from sidlib.io.checkpoints import load_checkpoint, load_network
 from sidlib.io.logs import read_jsonl, training_curve
 from sidlib.sampling import to_uint8
 
 from ..common import figures as F
 from ..common.benchmark import Benchmark, Context, StageResult
+from ..common.parallel import progress
 from ..common.params import ParamsError, check_eval, check_keys, check_list, check_number
 from ..common.reports import markdown_table, mean_std, summarise, write_json, write_table
 from ..common.runs import Run, expand_runs, validate_distill
@@ -90,8 +91,11 @@ def runs(section: dict, ckpt) -> list:
 
 def train_teacher_variant(section: dict, variant: str, ckpt: str) -> dict:
     sp = _split(section)
-    out = train_teacher(teacher_config(section, variant), teacher_path(ckpt, variant).parent, sp.train_images,
-                        sp.train_labels, num_classes=NUM_CLASSES)
+    cfg = teacher_config(section, variant)
+    out = train_teacher(cfg, teacher_path(ckpt, variant).parent, sp.train_images, sp.train_labels,
+                        num_classes=NUM_CLASSES,
+                        progress=lambda r: progress(f"digits teacher {variant}: {r['iteration']}/{cfg.iterations} "
+                                                    f"iterations, loss {r['loss']:.3g}"))
     meta = json.loads(out.with_suffix(".json").read_text())["meta"]
     return {"variant": variant, "iterations": meta["iterations"], "seconds": meta["seconds"],
             "parameters": meta["parameters"]}
@@ -101,23 +105,26 @@ class StudentEval:
     """In-training evaluation: FID of G_ema's one-step samples on fixed seeds (KID and precision/recall are left to
     the final evaluation: on a CPU they cost several times the FID)."""
 
-    def __init__(self, section: dict, ckpt, init_sigma: float, label_dim: int):
-        self.metrics = _metrics(section, ckpt)
+    def __init__(self, section: dict, ckpt, init_sigma: float, label_dim: int, name: str = "", total_kimg=None):
+        self.metrics, self.name, self.total = _metrics(section, ckpt), name, total_kimg
         n = int(section["eval"]["train_samples"])
         self.seeds, self.init_sigma, self.label_dim = list(range(TRAIN_EVAL_SEEDS, TRAIN_EVAL_SEEDS + n)), init_sigma, label_dim
 
     def __call__(self, G, kimg: float) -> dict:
         t0 = time.perf_counter()
         x, lab = student_samples(G, self.seeds, self.init_sigma, self.label_dim)
-        return {**self.metrics(x, lab, kid=False, prc=False), "eval_seconds": time.perf_counter() - t0}
+        m = {**self.metrics(x, lab, kid=False, prc=False), "eval_seconds": time.perf_counter() - t0}
+        progress(f"digits {self.name}: {kimg:g}/{self.total:g} kimg, FID {m['fid']:.2f}")
+        return m
 
 
 def run_one(section: dict, run: Run, ckpt: str) -> dict:
     require(Path(run.config["teacher"]), f"digits {run.point['variant']} teacher", "teacher@digits")
     run_dir = run.dir(Path(ckpt) / "sid")
     t0 = time.perf_counter()
+    total = DistillConfig.from_dict(run.config).total_iterations() * run.config["batch"] / 1000
     distill(run.config, run_dir=run_dir, eval_fn=StudentEval(section, ckpt, float(run.config.get("init_sigma", 2.5)),
-                                                             VARIANT_LABEL_DIM[run.point["variant"]]))
+                                                             VARIANT_LABEL_DIM[run.point["variant"]], run.name, total))
     return {"name": run.name, "point": run.point, "seconds": time.perf_counter() - t0}
 
 
@@ -284,7 +291,7 @@ class Digits(Benchmark):
         curves = {r.name: (r, training_curve(r.dir(ckpt / "sid"))) for r in all_runs}
         grids = dict(np.load(ctx.paths.eval / "digits-points.npz"))
         figs = {"digits/fid_vs_images.png": P.fid_vs_images(_groups(all_runs), curves, ev),
-                "digits/grids.png": P.grids(grids),
+                "digits/grids.png": P.grids(grids, max(r["nfe"] for r in ev["rows"])),
                 "digits/fid_vs_nfe.png": P.fid_vs_nfe(ev)}
         return StageResult(figures=F.save_all(figs, ctx.paths.figures))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sidlib.metrics import compute_metrics
-from sidlib.rng import labels_for_seeds, latents_for_seeds
+from sidlib.rng import inputs_for_seeds
 from sidlib.sampling import edm_sigmas, generate_onestep, heun_sampler, to_uint8
 
 from .classifier import load_classifier, predict, register_digits_extractor
@@ -43,12 +43,13 @@ class ImageMetrics:
 
 @torch.no_grad()
 def student_samples(G, seeds, init_sigma: float, label_dim: int, batch: int = 1000):
-    """One-step samples ``[N, 1, 8, 8]`` and one-hot labels (or None) for ``seeds`` (EDM-style per-seed latents)."""
+    """One-step samples ``[N, 1, 8, 8]`` and one-hot labels (or None) for ``seeds``: EDM's per-seed latents and labels
+    (:func:`sidlib.rng.inputs_for_seeds`), the same as :func:`teacher_samples` draws for the same seeds."""
     xs, ls = [], []
     for i in range(0, len(seeds), batch):
         s = seeds[i:i + batch]
-        lab = labels_for_seeds(s, label_dim)
-        xs.append(generate_onestep(G, latents_for_seeds(s, SHAPE).float(), init_sigma, lab))
+        z, lab, _ = inputs_for_seeds(s, SHAPE, label_dim)
+        xs.append(generate_onestep(G, z, init_sigma, lab))
         ls.append(lab)
     return torch.cat(xs), (torch.cat(ls) if label_dim else None)
 
@@ -56,13 +57,13 @@ def student_samples(G, seeds, init_sigma: float, label_dim: int, batch: int = 10
 @torch.no_grad()
 def teacher_samples(net, seeds, nfe: int, label_dim: int, batch: int = 1000):
     """Deterministic Heun samples at ``nfe`` network evaluations (EDM's grid; 18 steps for 35), integrated in float64
-    from the same per-seed latents and labels as :func:`student_samples`. Returns (images, labels, nfe used)."""
+    as EDM does, from the same per-seed latents and labels as :func:`student_samples`. Returns (images, labels, nfe)."""
     sigmas = edm_sigmas((nfe + 1) // 2)
     xs, ls, used = [], [], 0
     for i in range(0, len(seeds), batch):
         s = seeds[i:i + batch]
-        lab = labels_for_seeds(s, label_dim)
-        x, used = heun_sampler(net, latents_for_seeds(s, SHAPE) * sigmas[0], sigmas, class_labels=lab)
+        z, lab, _ = inputs_for_seeds(s, SHAPE, label_dim)
+        x, used = heun_sampler(net, z.double() * sigmas[0], sigmas, class_labels=lab)
         xs.append(x.float())
         ls.append(lab)
     return torch.cat(xs), (torch.cat(ls) if label_dim else None), used

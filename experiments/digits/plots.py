@@ -23,12 +23,13 @@ def grid_order(x: torch.Tensor, labels: torch.Tensor | None, per_row: int = 10) 
     return torch.cat(rows)
 
 
-def tile(u8: np.ndarray, cols: int = 10, gap: int = 2) -> np.ndarray:
-    """``[N, 1, H, W]`` or ``[N, H, W]`` uint8 -> one mosaic with ``gap`` background pixels between tiles."""
+def tile(u8: np.ndarray, cols: int = 10, gap: int = 2, gap_value: int = 64) -> np.ndarray:
+    """``[N, 1, H, W]`` or ``[N, H, W]`` uint8 -> one mosaic with ``gap`` pixels of ``gap_value`` between tiles (a
+    light grey under the ``gray_r`` colour map, so tiles stay apart from the digits' white background)."""
     a = np.asarray(u8).reshape(len(u8), u8.shape[-2], u8.shape[-1])
     rows = int(np.ceil(len(a) / cols))
     h, w = a.shape[1:]
-    out = np.zeros((rows * (h + gap) - gap, cols * (w + gap) - gap), dtype=np.uint8)
+    out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap), gap_value, dtype=np.uint8)
     for i, img in enumerate(a):
         r, c = divmod(i, cols)
         out[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = img
@@ -100,12 +101,12 @@ def fid_vs_images(groups: dict, curves: dict, ev: dict):
     return fig
 
 
-def grids(grids: dict):
+def grids(grids: dict, teacher_nfe: int):
     names = sorted({k.rsplit("_", 1)[0] for k in grids}, key=lambda v: v != "uncond")
     fig, axes = plt.subplots(len(names), 2, figsize=(8.4, 4.4 * len(names)), squeeze=False)
     for i, v in enumerate(names):
         for j, who in enumerate(("teacher", "student")):
-            title = "teacher, Heun 35 NFE" if who == "teacher" else "SiD student, 1 NFE"
+            title = f"teacher, Heun {teacher_nfe} NFE" if who == "teacher" else "SiD student, 1 NFE"
             _show(axes[i, j], tile(grids[f"{v}_{who}"]), f"digits {v}: {title}" + (" (rows: classes 0-9)"
                                                                                   if v == "cond" else ""))
     fig.tight_layout()

@@ -1,22 +1,14 @@
 """Tables 1–4 and the FID-vs-images figures of the paper, built from whatever runs exist.
 
 * Reported numbers come only from ``experiments/paper/data/reported_results.csv`` (sources cited per row, see
-  ``experiments/paper/data/README.md``).
-* Measured numbers come only from metrics JSON files written by :mod:`sidlib.metrics.protocol` (this project's
-  evaluations of released generators, teachers, or its own distillation runs) and from distillation logs.
-* A reported row with no measurement says "not run here". A measurement never fills a reported column, and a reported
-  number never fills a measured column: the two are kept in separate fields from loading to rendering.
+  ``experiments/paper/data/README.md``); measured numbers only from metrics JSON files written by
+  :mod:`sidlib.metrics.protocol` and from distillation logs. The two are kept in separate fields from loading to
+  rendering; a reported row with no measurement says "not run here".
+* Table 1: CIFAR-10 unconditional (FID, IS); 2: CIFAR-10 conditional (FID); 3: ImageNet 64x64 (FID, precision,
+  recall); 4: FFHQ and AFHQv2 64x64 (FID). Each caption states the protocol of every measured row (trials, images,
+  proxy or not, snapshot selection, labels).
 
-Tables (one per group of the paper's benchmarks):
-
-=========  ================================  =================================
-Table 1    CIFAR-10 32x32, unconditional     FID, IS
-Table 2    CIFAR-10 32x32, conditional       FID
-Table 3    ImageNet 64x64, conditional       FID, precision, recall
-Table 4    FFHQ 64x64 and AFHQv2 64x64       FID
-=========  ================================  =================================
-
-Command line: ``python -m experiments.paper tables|figure ...`` (:mod:`experiments.paper.__main__`).
+Command line: ``python -m experiments.paper tables ...`` (:mod:`experiments.paper.__main__`).
 """
 
 from __future__ import annotations
@@ -63,7 +55,7 @@ CSV_COLUMNS = [
     "table", "benchmark", "method", "alpha", "nfe", "uses_real_data", "reported_fid", "reported_source",
     "reported_confidence", "status", "measured_what", "measured_protocol", "measured_proxy", "measured_trials",
     "measured_fid_mean", "measured_fid_std", "measured_fid_best", "measured_fid_min_of_3", "measured_is_mean",
-    "measured_is_std", "measured_precision", "measured_recall", "measured_file",
+    "measured_is_std", "measured_precision", "measured_recall", "measured_selection", "measured_file",
 ]
 
 
@@ -126,6 +118,11 @@ def measurement_from_result(result: Mapping, file: str = "") -> dict:
         v = summary.get(key)
         return None if v is None else float(v)
 
+    sel = result.get("snapshot") or None
+    if sel:
+        how = f"by {sel['criterion']}" if sel.get("criterion") else f"'{sel['snapshot']}'"
+        sel = f"snapshot {sel['kimg']} kimg of {sel.get('of', '?')}, selected {how}"
+
     return {
         "benchmark": result.get("benchmark"), "method": result.get("method", "SiD"),
         "alpha": _alpha_key(result.get("alpha")), "nfe": _nfe_key(result.get("nfe")),
@@ -134,6 +131,7 @@ def measurement_from_result(result: Mapping, file: str = "") -> dict:
         "fid_mean": get(f"{name}_mean"), "fid_std": get(f"{name}_std"), "fid_best": get(f"{name}_best"),
         "fid_min_of_3": get(f"{name}_min_of_3"), "is_mean": get(f"{is_name}_mean"), "is_std": get(f"{is_name}_std"),
         "precision": get(f"{pr_name}_precision_mean"), "recall": get(f"{pr_name}_recall_mean"), "file": str(file),
+        "selection": sel, "labels": protocol.get("labels"),
     }
 
 
@@ -224,12 +222,8 @@ def _row_csv(number: int, row: Row) -> dict:
         "reported_confidence": r.get("confidence", ""),
         "status": NOT_RUN if m is None else ("measured (proxy)" if m["proxy"] else "measured"),
     }
-    for col, key in [("measured_what", "what"), ("measured_protocol", "protocol"), ("measured_proxy", "proxy"),
-                     ("measured_trials", "trials"), ("measured_fid_mean", "fid_mean"), ("measured_fid_std", "fid_std"),
-                     ("measured_fid_best", "fid_best"), ("measured_fid_min_of_3", "fid_min_of_3"),
-                     ("measured_is_mean", "is_mean"), ("measured_is_std", "is_std"),
-                     ("measured_precision", "precision"), ("measured_recall", "recall"), ("measured_file", "file")]:
-        v = None if m is None else m.get(key)
+    for col in (c for c in CSV_COLUMNS if c.startswith("measured_")):  # measured_<key> <- the record's <key>
+        v = None if m is None else m.get(col[len("measured_"):])
         out[col] = "" if v is None else v
     return out
 
@@ -283,10 +277,24 @@ def table_markdown(number: int, rows: Sequence[Row]) -> str:
         cells.append("—" if m is None else m["what"])
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     lines += ["", "Reported: numbers published by each method's authors (source in brackets; "
-                  "`experiments/paper/data/reported_results.csv`). Measured: this project's evaluations "
-                  "(torch-fidelity Inception, EDM reference statistics; mean ± std over trials of N images, "
-                  "best, and EDM's min-of-3). PROXY marks fewer than 50,000 images; not comparable with the paper.", ""]
-    return "\n".join(lines)
+                  "`experiments/paper/data/reported_results.csv`). Measured: this project's evaluations with "
+                  "torch-fidelity's Inception-v3 against EDM's reference statistics, each seed's image drawn as "
+                  "EDM's generate.py draws it; mean ± std over trials of N images, best, and EDM's min-of-3. The "
+                  "paper protocol is 10 trials of 50,000 images; PROXY marks fewer images (not comparable with the "
+                  "paper).", ""]
+    measured = [row for row in rows if row.measured is not None]
+    if measured:
+        lines.append("Protocol of each measured row:")
+    for row in measured:
+        m = row.measured
+        n, count = m.get("trials") or 1, m.get("num_images")
+        what = [f"{n} trial{'s' * (n != 1)} × {count:,} images" if isinstance(count, int) else f"{n} trial(s)",
+                "PROXY" if m.get("proxy") else "paper protocol", m.get("selection") or "no snapshot selection"]
+        if m.get("labels"):
+            what.append(f"{m['labels']} labels")
+        lines.append(f"* {BENCHMARK_TITLES.get(row.benchmark, row.benchmark)}, {row.method}"
+                     f"{f' α={row.alpha}' if row.alpha else ''}: {'; '.join(what)} (`{m['file']}`)")
+    return "\n".join(lines + ([""] if measured else []))
 
 
 def write_tables(out_dir: str | os.PathLike, measurements: Sequence[Mapping] = (), reported=None) -> list[Path]:

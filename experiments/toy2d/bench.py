@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sidlib.distill import distill, register_teacher
+from sidlib.distill import DistillConfig, distill, register_teacher
 from sidlib.io.checkpoints import load_checkpoint
 from sidlib.io.logs import read_jsonl, training_curve
-from sidlib.rng import latents_for_seeds
+from sidlib.rng import inputs_for_seeds
 from sidlib.sampling import edm_sigmas, generate_onestep, heun_sampler
 
 from ..common import figures as F
 from . import plots as P
 from ..common.benchmark import Benchmark, Context, StageResult
+from ..common.parallel import progress
 from ..common.params import ParamsError, check_eval, check_keys, check_list, check_number
 from ..common.reports import markdown_table, mean_std, summarise, write_json, write_table
 from ..common.runs import Run, code_digest, expand_runs, validate_distill
@@ -81,9 +82,10 @@ def runs(section: dict) -> list:
 class PointsEval:
     """In-training evaluation: fixed-seed points of G_ema, every metric, and the first 2,000 points kept on disk."""
 
-    def __init__(self, spec: MixtureSpec, run_dir, init_sigma: float, num_samples: int, keep: int = 2000):
-        self.spec, self.run_dir, self.init_sigma, self.keep = spec, run_dir, float(init_sigma), keep
-        self.z = latents_for_seeds(range(TRAIN_EVAL_SEEDS, TRAIN_EVAL_SEEDS + num_samples), [2, 1, 1]).float()
+    def __init__(self, spec: MixtureSpec, run_dir, init_sigma: float, num_samples: int, keep: int = 2000,
+                 total_kimg: float | None = None):
+        self.spec, self.run_dir, self.init_sigma, self.keep, self.total = spec, run_dir, float(init_sigma), keep, total_kimg
+        self.z = inputs_for_seeds(range(TRAIN_EVAL_SEEDS, TRAIN_EVAL_SEEDS + num_samples), [2, 1, 1]).latents
         self.reference = reference_points(spec)
         self.yy = mean_pairwise_distance(self.reference.double(), self.reference.double())  # the same every time
 
@@ -91,7 +93,9 @@ class PointsEval:
     def __call__(self, G, kimg: float) -> dict:
         pts = images_to_points(generate_onestep(G, self.z, self.init_sigma))
         torch.save(pts[: self.keep].clone(), self.run_dir / f"points-{int(round(kimg * 1000)):09d}.pt")
-        return evaluate_points(pts, self.spec, self.reference, reference_self_distance=self.yy)
+        m = evaluate_points(pts, self.spec, self.reference, reference_self_distance=self.yy)
+        progress(f"toy2d {self.run_dir.name[:-9]}: {kimg:g}/{self.total:g} kimg, within-2σ {m['within_2sigma']:.3f}")
+        return m
 
 
 def run_one(section: dict, run: Run, root: str) -> dict:
@@ -105,7 +109,8 @@ def run_one(section: dict, run: Run, root: str) -> dict:
         config["g_init"] = {**config["g_init"], "cache_dir": str(Path(root) / f"g_init-{code_digest()[:8]}")}
     t0 = time.perf_counter()
     distill(config, run_dir=run_dir,
-            eval_fn=PointsEval(spec, run_dir, run.config.get("init_sigma", 2.5), int(section["eval"]["train_samples"])))
+            eval_fn=PointsEval(spec, run_dir, run.config.get("init_sigma", 2.5), int(section["eval"]["train_samples"]),
+                               total_kimg=DistillConfig.from_dict(config).total_iterations() * config["batch"] / 1000))
     return {"name": run.name, "point": run.point, "run_dir": str(run_dir), "seconds": time.perf_counter() - t0}
 
 
@@ -119,7 +124,7 @@ def evaluate_run(section: dict, run: Run, root: str) -> dict:
         raise FileNotFoundError(f"no SiD snapshot in {run_dir} (made by the distill@toy2d stage)")
     G, meta = load_checkpoint(snaps[-1])
     n = int(section["eval"]["num_samples"])
-    z = latents_for_seeds(range(STUDENT_SEEDS, STUDENT_SEEDS + n), [2, 1, 1]).float()
+    z = inputs_for_seeds(range(STUDENT_SEEDS, STUDENT_SEEDS + n), [2, 1, 1]).latents
     t0 = time.perf_counter()
     pts = images_to_points(generate_onestep(G, z, float(meta["init_sigma"])))
     secs = time.perf_counter() - t0
@@ -137,7 +142,7 @@ def evaluate_teacher(section: dict) -> list:
     spec = mixture_spec(section)
     den = MixtureDenoiser(**spec.to_dict())
     n = int(section["eval"]["num_samples"])
-    z = latents_for_seeds(range(TEACHER_SEEDS, TEACHER_SEEDS + n), [2, 1, 1])
+    z = inputs_for_seeds(range(TEACHER_SEEDS, TEACHER_SEEDS + n), [2, 1, 1]).latents.double()
     rows = []
     for nfe in sorted(int(k) for k in section["eval"]["nfe"]):
         sig = edm_sigmas((nfe + 1) // 2)
@@ -267,7 +272,8 @@ class Toy2D(Benchmark):
         pts = dict(np.load(ctx.paths.eval / "toy2d-points.npz"))
         spec = mixture_spec(ctx.section)
         figs = {"toy2d/alpha_ablation.png": P.alpha_ablation(ev),
-                "toy2d/points.png": P.points(spec, pts),
+                "toy2d/points.png": P.points(spec, pts, max(r["nfe"] for r in ev["rows"]
+                                                            if r["model"].startswith("exact teacher"))),
                 "toy2d/metric_vs_nfe.png": P.vs_nfe(ev)}
         return StageResult(figures=F.save_all(figs, ctx.paths.figures))
 

@@ -92,7 +92,7 @@ def alpha_ablation(ev: dict):
     return fig
 
 
-def points(spec: MixtureSpec, pts: dict):
+def points(spec: MixtureSpec, pts: dict, teacher_nfe: int):
     """The teacher's and every student's points (seed 0) against the modes' 2σ circles."""
     names = ["teacher"] + sorted(k for k in pts if k != "teacher")
     fig, axes = plt.subplots(1, len(names), figsize=(2.7 * len(names), 3), sharex=True, sharey=True, squeeze=False)
@@ -100,7 +100,7 @@ def points(spec: MixtureSpec, pts: dict):
         p = pts[k]
         ax.scatter(p[:, 0], p[:, 1], s=0.5, c="C3" if k.startswith("random") else "C0")
         _modes(ax, spec, 1.7 * spec.radius)
-        title = "teacher, Heun 35 NFE" if k == "teacher" else \
+        title = f"teacher, Heun {teacher_nfe} NFE" if k == "teacher" else \
             ("random start, " if k.startswith("random") else "student ") + "α=" + k.rsplit("_", 1)[1] + ", 1 NFE"
         ax.set_title(title, fontsize=8)
         ax.set_xlabel(XY[0], fontsize=8)
