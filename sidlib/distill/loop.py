@@ -37,7 +37,7 @@ from ..io.training_state import capture_rng, load_training_state, restore_rng, s
 from ..losses import finite_sample_mask
 from ..networks import set_attention_backend, set_precision
 from ..rng import (DROPOUT_STREAM, PHASE_FAKE, PHASE_G, RANK_STREAM, BatchStream, derive_seed, inputs_for_seeds,
-                   randn, random_labels, sample_generators)
+                   randn, random_labels, reseed_global, sample_generators)
 from ..sampling import generate_onestep
 from ..sid_loss import SiDLoss
 from .config import G_INIT_DEFAULTS, ConfigError, DistillConfig, check_resume
@@ -200,7 +200,7 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
             gens.manual_seed(derive_seed(cfg.seed, it, phase, RANK_STREAM + rank, r))
         labels = random_labels(micro, label_dim, gens, device=device, probs=cfg.label_probs)
         z = randn(micro, shape, gens, device=device).to(memory_format=mem_fmt)
-        torch.manual_seed(derive_seed(cfg.seed, it, phase, DROPOUT_STREAM, rank, r))
+        reseed_global(derive_seed(cfg.seed, it, phase, DROPOUT_STREAM, rank, r), device)
         return gens, labels, z
 
     def no_sync_unless_last(module, r):  # gradient accumulation: DDP all-reduces on the last micro-batch only
