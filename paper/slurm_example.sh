@@ -28,7 +28,7 @@ cd "${SLURM_SUBMIT_DIR:-.}"
 export SIDLIB_CACHE=${SIDLIB_CACHE:-/shared/cache/sidlib} TORCH_HOME=${TORCH_HOME:-/shared/cache/torch}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads everything: head would end the pipe early (SIGPIPE under pipefail)
 export TORCHRUN_ARGS="--nnodes $SLURM_NNODES --nproc_per_node gpu --rdzv_id $SLURM_JOB_ID --rdzv_backend c10d --rdzv_endpoint $HEAD_NODE:29500"
 
 # The config, exactly as the pipeline's distill stage writes it (python -m experiments.paper distill-config).
