@@ -12,14 +12,10 @@ samples the input at ``G_inv p`` with ``G_inv = S(1/s) rot(a) rot(-r) S(1/s_a, s
 anisotropy, translation), ``rot(a) = [[cos a, -sin a], [sin a, cos a]]``: content moves by ``rot(-a)`` (on screen,
 counter-clockwise for a > 0) and stretches by ``s_a`` along ``(cos r, -sin r)``.
 
-Resampling is EDM's scheme (same arithmetic, written independently): reflect padding wide enough for every
-sampled position, 2x upsampling with the sym6 wavelet low-pass filter, bilinear sampling (zero padding), and 2x
-downsampling with the same filter. Only the samples with a geometric transform are resampled. Measured against
-EDM's ``AugmentPipe`` (``tests/test_official.py``): equal up to fp32 rounding, within 5e-7 on a smooth 32x32
-pattern and 7e-6 of the amplitude on white noise (the sampling grid's coordinates round differently).
-
-Randomness: every sample consumes 11 uniform and 4 normal numbers whatever ``p`` and the enabled transforms, from
-``generator`` (one generator, per-sample generators, or torch's global RNG), so per-sample streams stay aligned.
+Resampling is EDM's scheme (reflect padding, 2x upsampling with the sym6 low-pass filter, bilinear sampling, 2x
+downsampling), applied to the samples with a geometric transform only; equal to EDM's ``AugmentPipe`` up to fp32
+rounding (``tests/test_official.py``). Every sample consumes 11 uniform and 4 normal numbers from ``generator``
+whatever ``p`` and the enabled transforms, so per-sample streams stay aligned.
 """
 
 from __future__ import annotations
@@ -84,11 +80,6 @@ class AugmentPipe:
     def sid_default(cls, p: float) -> 'AugmentPipe':
         """SiD's pipeline (``sid_train.py``): x-flip by a fair coin always, the rest gated by ``p``; 9 labels."""
         return cls(p=p, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
-
-    @property
-    def num_labels(self) -> int:
-        return sum(k for on, k in [(self.xflip, 1), (self.yflip, 1), (self.scale, 1), (self.rotate_frac, 2),
-                                   (self.aniso, 2), (self.translate_frac, 2)] if on > 0)
 
     def __call__(self, images: torch.Tensor, generator: GeneratorArg = None):
         n, _, h, w = images.shape
@@ -156,10 +147,8 @@ def _warp(x, G_inv):
     x = F.pad(x, [px0, px1, py0, py1], mode='reflect')
     wp, hp = w + px0 + px1, h + py0 + py1
     # 2x upsampling (transposed convolution with the filter, separable: x, then y).
-    x = F.conv_transpose2d(x, kx, stride=(1, 2), padding=(0, L // 2 - 1),
-                           groups=c)
-    x = F.conv_transpose2d(x, ky, stride=(2, 1), padding=(L // 2 - 1, 0),
-                           groups=c)
+    x = F.conv_transpose2d(x, kx, stride=(1, 2), padding=(0, L // 2 - 1), groups=c)
+    x = F.conv_transpose2d(x, ky, stride=(2, 1), padding=(L // 2 - 1, 0), groups=c)
     # Sampling grid: 2(H + 2q) x 2(W + 2q) points; point j sits at (j + 1) / 2 - (size + 2q) / 2 in centred input
     # pixels; its source G_inv p, shifted into the padded image, lies at upsampled pixel 2 q_pad + size_pad - 1.
     gx = (torch.arange(2 * (w + 2 * q), dtype=x.dtype, device=x.device) + 1) / 2 - (w + 2 * q) / 2
@@ -171,7 +160,5 @@ def _warp(x, G_inv):
     grid = torch.stack([(2 * ix + 1) / (2 * wp) - 1, (2 * iy + 1) / (2 * hp) - 1], -1).reshape(m, *yy.shape, 2)
     x = F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
     # 2x downsampling with the filter, dropping the q-pixel margin.
-    x = F.conv2d(x, kx, stride=(1, 2), padding=(0, L // 2 - 1),
-                 groups=c)[:, :, :, q:-q]
-    return F.conv2d(x, ky, stride=(2, 1), padding=(L // 2 - 1, 0),
-                    groups=c)[:, :, q:-q, :]
+    x = F.conv2d(x, kx, stride=(1, 2), padding=(0, L // 2 - 1), groups=c)[:, :, :, q:-q]
+    return F.conv2d(x, ky, stride=(2, 1), padding=(L // 2 - 1, 0), groups=c)[:, :, q:-q, :]

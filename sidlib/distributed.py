@@ -1,7 +1,5 @@
-"""Minimal torch.distributed helpers: initialise from torchrun's environment, rank queries, reductions.
-
-A single process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) never initialises a process group, so all
-helpers degrade to no-ops. Under ``torchrun`` the backend is NCCL on CUDA and gloo on CPU.
+"""Minimal torch.distributed helpers for torchrun (NCCL on CUDA, gloo on CPU); in a single process (no
+``WORLD_SIZE`` or ``WORLD_SIZE=1``) no process group is created and every helper is a no-op.
 """
 
 from __future__ import annotations
@@ -13,8 +11,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ['env_world_size', 'env_rank', 'env_local_rank', 'default_device', 'init', 'is_initialized', 'rank', 'world_size',
-           'is_main', 'barrier', 'all_reduce_sum', 'broadcast_object', 'shutdown']
+__all__ = ['env_world_size', 'env_rank', 'env_local_rank', 'default_device', 'init', 'is_initialized', 'rank',
+           'world_size', 'barrier', 'all_reduce_sum', 'shutdown']
 
 
 def env_world_size() -> int:
@@ -43,11 +41,9 @@ def init(device: torch.device) -> bool:
     """Create the default process group when ``WORLD_SIZE > 1``; returns True if this call created it."""
     if env_world_size() <= 1 or is_initialized():
         return False
-    backend = 'nccl' if device.type == 'cuda' else 'gloo'
-    kwargs = {}
-    if device.type == 'cuda':
-        kwargs['device_id'] = device
-    dist.init_process_group(backend=backend, init_method='env://', timeout=timedelta(minutes=30), **kwargs)
+    cuda = device.type == 'cuda'
+    dist.init_process_group(backend='nccl' if cuda else 'gloo', init_method='env://', timeout=timedelta(minutes=30),
+                            **({'device_id': device} if cuda else {}))
     return True
 
 
@@ -57,10 +53,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
 
 
 def barrier() -> None:
@@ -73,15 +65,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def broadcast_object(obj, src: int = 0):
-    """``obj`` of rank ``src`` on every rank (picklable objects only)."""
-    if not is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def shutdown() -> None:

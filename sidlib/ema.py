@@ -1,8 +1,6 @@
-"""Exponential moving average of the generator with a half-life and ramp-up (EDM's and SiD's training loops).
-
-beta = 0.5 ** (batch / max(h_eff, 1e-8)),  h_eff = min(halflife_kimg * 1000, rampup * cur_nimg)
-(without ramp-up h_eff = halflife_kimg * 1000). At cur_nimg = 0 with ramp-up, beta = 0, so the EMA
-starts as an exact copy of the network.
+"""Exponential moving average of the generator with a half-life and ramp-up (EDM's and SiD's training loops):
+``beta = 0.5 ** (batch / max(h, 1e-8))``, ``h = min(halflife_kimg * 1000, rampup * cur_nimg)`` (without ramp-up
+``h = halflife_kimg * 1000``); with ramp-up beta = 0 at cur_nimg = 0, so the EMA starts as an exact copy.
 """
 
 from __future__ import annotations
@@ -24,11 +22,8 @@ def ema_beta(batch: int, cur_nimg: int, halflife_kimg: float, rampup: Optional[f
 
 @torch.no_grad()
 def update_ema(ema_net: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    """``p_ema <- beta * p_ema + (1 - beta) * p`` for every parameter; buffers are copied.
-
-    Buffers of EDM networks are constant resampling filters / Fourier frequencies, so copying them
-    equals averaging them. Parameters are matched by name; both nets must have the same architecture.
-    """
+    """``p_ema <- beta * p_ema + (1 - beta) * p`` for every parameter, matched by name; buffers (EDM's constant
+    resampling filters and Fourier frequencies) are copied."""
     src = dict(net.named_parameters())
     dst = list(ema_net.named_parameters())
     # One fused multi-tensor lerp instead of one kernel per parameter.

@@ -8,22 +8,15 @@
     torchrun --standalone --nproc_per_node gpu -m sidlib.generate --network edm-cifar10-32x32-cond-vp \\
         --sampler heun --steps 18 --seeds 0-63 --grid grid.png
 
-The network is a registered name, a file, a URL or a run directory (:func:`sidlib.io.checkpoints.load_checkpoint`,
-:func:`select_snapshot`). Outputs: PNGs laid out as EDM's ``--subdirs`` (``000000/000000.png``,
-1,000 per folder; ``--no-subdirs`` for one folder), an ``.npz`` (``arr_0`` uint8 ``[N, H, W, C]`` as OpenAI's
-batches, ``seeds``, and ``labels`` class indices for conditional networks), and/or a grid PNG.
+Network: a registered name, file, URL or run directory (:func:`select_snapshot`). Outputs: PNGs in EDM's
+``--subdirs`` layout (``000000/000000.png``; ``--no-subdirs``: one folder), an ``.npz`` (``arr_0`` uint8
+``[N, H, W, C]`` as OpenAI's batches, ``seeds``, ``labels`` class indices if conditional) and/or a grid PNG.
 
-Where the images equal the official ones: seed ``s`` draws its latent, label and sampler noise from a generator
-seeded with ``s % 2**32`` on the generating device, in EDM's order (:func:`sidlib.rng.inputs_for_seeds`); the
-one-step image is ``G(init_sigma * z, init_sigma, labels)`` (``init_sigma`` from the checkpoint's meta, else 2.5) as
-in SiD's ``generate_onestep.py``, the teacher's is EDM's ``edm_sampler`` (deterministic, or stochastic with
-``--S-churn``), and both are quantised as EDM/SiD save them. On the CPU this is bit-exact against the official code
-(``tests/test_official.py``); on CUDA the same seeds give the same latents as EDM's on CUDA, and the images agree up
-to floating-point differences between kernels and GPUs (which can move a pixel by one level).
-
-Where they do not: CPU and CUDA give different images for the same seed (EDM's too); SiD's ``sid_metrics.py`` and its
-training loop draw unseeded noise and dataset labels, so their images have no seed to match; EDM's ablation sampler
-options are not offered; ``--label-probs`` (class frequencies) has no official counterpart.
+Seed ``s`` draws its latent, label and sampler noise as EDM does (:func:`sidlib.rng.inputs_for_seeds`); the one-step
+image is SiD's ``G(init_sigma * z, init_sigma, labels)`` (``init_sigma``: checkpoint meta, else 2.5), the teacher's
+EDM's ``edm_sampler``, both quantised as EDM/SiD save them. On the CPU this is bit-exact against the official code
+(``tests/test_official.py``); on CUDA up to kernel differences (a pixel may move by one level). CPU and CUDA images
+differ; SiD's ``sid_metrics.py`` draws unseeded noise, so it has no seeds to match; ``--label-probs`` is ours.
 """
 
 from __future__ import annotations
@@ -38,13 +31,15 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
+from .cli import run_main, split_debug
 from .io.atomic import atomic_open, atomic_path
 from .io.checkpoints import load_checkpoint
 from .io.logs import training_curve
 from .rng import inputs_for_seeds
 from .sampling import heun_generator, onestep_generator, to_uint8
 
-__all__ = ["parse_seeds", "select_snapshot", "generate_images", "save_pngs", "save_npz", "save_grid", "main"]
+__all__ = ["parse_seeds", "select_snapshot", "generate_images", "save_pngs", "save_npz", "save_grid",
+           "add_network_args", "sampler_kwargs", "load_for_sampling", "main"]
 
 
 def parse_seeds(text) -> list[int]:
@@ -64,10 +59,8 @@ _SNAPSHOT = re.compile(r"^network-snapshot-(?:\d+\.\d+-)?(\d+)\.(json|pkl)$")
 
 
 def select_snapshot(source, which="latest") -> tuple[str, dict | None]:
-    """``(checkpoint, selection)`` for ``source``: a run directory's snapshot ``'latest'``, ``'best'`` (lowest
-    logged in-training FID in ``log.jsonl``, a proxy unless the loop evaluated 50k images) or a kimg (int or digits);
-    any other source with ``'latest'`` is returned unchanged with selection None. Snapshots are sidlib's
-    ``network-snapshot-<kimg>.json`` and SiD's ``network-snapshot-<alpha>-<kimg>.pkl``."""
+    """``(checkpoint, selection)``: a run directory's ``network-snapshot-[<alpha>-]<kimg>.json|pkl`` at ``'latest'``,
+    ``'best'`` (lowest FID logged in ``log.jsonl``) or a kimg; other sources with ``'latest'``: ``(source, None)``."""
     run = Path(str(source))
     snaps = {int(m.group(1)): run / f.name for f in (run.iterdir() if run.is_dir() else [])
              if (m := _SNAPSHOT.match(f.name))}
@@ -114,15 +107,19 @@ def generate_images(net, seeds, *, sampler: str = "onestep", init_sigma: float =
         yield s, to_uint8(x).cpu(), None if labels is None else labels.argmax(1).cpu()
 
 
-def save_pngs(outdir, seeds, images: torch.Tensor, subdirs: bool = True) -> None:
-    """``outdir/<seed - seed % 1000>/<seed>.png`` (or ``outdir/<seed>.png``), 6-digit names as EDM's."""
+def _write_png(path, hwc: np.ndarray) -> None:
     import PIL.Image
 
+    with atomic_path(path) as tmp:
+        PIL.Image.fromarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc).save(tmp, format="png")
+
+
+def save_pngs(outdir, seeds, images: torch.Tensor, subdirs: bool = True) -> None:
+    """``outdir/<seed - seed % 1000>/<seed>.png`` (or ``outdir/<seed>.png``), 6-digit names as EDM's."""
     for s, img in zip(seeds, images.permute(0, 2, 3, 1).numpy()):
         d = Path(outdir) / f"{s - s % 1000:06d}" if subdirs else Path(outdir)
         d.mkdir(parents=True, exist_ok=True)
-        with atomic_path(d / f"{s:06d}.png") as tmp:
-            PIL.Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(tmp, format="png")
+        _write_png(d / f"{s:06d}.png", img)
 
 
 def save_npz(path, seeds, images: torch.Tensor, labels=None) -> Path:
@@ -135,25 +132,19 @@ def save_npz(path, seeds, images: torch.Tensor, labels=None) -> Path:
 
 def save_grid(path, images: torch.Tensor, columns: int | None = None) -> Path:
     """A grid PNG of uint8 ``[N, C, H, W]`` images, row by row (``ceil(sqrt(N))`` columns by default)."""
-    import PIL.Image
-
     n, c, h, w = images.shape
     gw = columns or math.ceil(math.sqrt(n))
     gh = math.ceil(n / gw)
     full = torch.zeros([gh * gw, c, h, w], dtype=torch.uint8)
     full[:n] = images
-    grid = full.reshape(gh, gw, c, h, w).permute(0, 3, 1, 4, 2).reshape(gh * h, gw * w, c).numpy()
-    with atomic_path(path) as tmp:
-        PIL.Image.fromarray(grid[:, :, 0] if c == 1 else grid).save(tmp, format="png")
+    _write_png(path, full.reshape(gh, gw, c, h, w).permute(0, 3, 1, 4, 2).reshape(gh * h, gw * w, c).numpy())
     return Path(path)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sidlib.generate", description=__doc__.split("\n")[0])
+def add_network_args(p: argparse.ArgumentParser) -> None:
+    """The options ``sidlib.generate`` and ``sidlib.metrics calc`` share: network, snapshot, sampler, batch, device."""
     p.add_argument("--network", required=True, help="registered name, file, run directory or URL")
     p.add_argument("--snapshot", default="latest", help="of a run directory: latest | best (logged FID) | KIMG")
-    p.add_argument("--seeds", default="0-63", help="EDM's syntax, e.g. 0-63,100")
-    p.add_argument("--class", dest="class_idx", type=int, default=None, help="one class for every image")
     p.add_argument("--label-probs", default=None, help="class frequencies: list, file or labelled dataset")
     p.add_argument("--sampler", choices=("onestep", "heun"), default="onestep", help="heun: EDM's teacher sampler")
     p.add_argument("--init-sigma", type=float, default=None, help="one-step sigma (default: checkpoint meta or 2.5)")
@@ -162,6 +153,27 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{k}", type=float, default=None, help="EDM's stochastic sampler setting")
     p.add_argument("--batch", type=int, default=64, help="images per batch per process")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def sampler_kwargs(args) -> dict:
+    """EDM's stochastic sampler settings given on the command line (:func:`add_network_args`)."""
+    return {k: getattr(args, k) for k in ("S_churn", "S_min", "S_max", "S_noise") if getattr(args, k) is not None}
+
+
+def load_for_sampling(source, snapshot="latest", device=None) -> tuple:
+    """``(net, meta, selection, device)``: ``source`` at ``snapshot`` (:func:`select_snapshot`) loaded in eval mode
+    without gradients on ``device`` (``'auto'``: this process's GPU if any; None: the CPU)."""
+    path, selection = select_snapshot(source, snapshot)
+    device = dist_utils.default_device() if device == "auto" else torch.device("cpu" if device is None else device)
+    net, meta = load_checkpoint(path)
+    return net.to(device).eval().requires_grad_(False), dict(meta or {}), selection, device
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sidlib.generate", description=__doc__.split("\n")[0])
+    add_network_args(p)
+    p.add_argument("--seeds", default="0-63", help="EDM's syntax, e.g. 0-63,100")
+    p.add_argument("--class", dest="class_idx", type=int, default=None, help="one class for every image")
     p.add_argument("--outdir", help="PNG folder")
     p.add_argument("--subdirs", action=argparse.BooleanOptionalAction, default=True, help="1,000 PNGs per folder")
     p.add_argument("--npz", help="npz file (arr_0 NHWC uint8, seeds, labels)")
@@ -174,21 +186,18 @@ def _run(args) -> str:
     if not (args.outdir or args.npz or args.grid):
         raise ValueError("nothing to write: give --outdir, --npz and/or --grid")
     seeds = parse_seeds(args.seeds)
-    path, selection = select_snapshot(args.network, args.snapshot)
-    device = dist_utils.default_device() if args.device == "auto" else torch.device(args.device)
-    net, meta = load_checkpoint(path)
-    net = net.to(device).eval().requires_grad_(False)
+    net, meta, selection, device = load_for_sampling(args.network, args.snapshot, args.device)
     from .metrics.references import label_frequencies
     probs = label_frequencies(args.label_probs, int(net.label_dim)) if args.label_probs else None
-    kw = {k: getattr(args, k) for k in ("S_churn", "S_min", "S_max", "S_noise") if getattr(args, k) is not None}
-    init_sigma = float(args.init_sigma if args.init_sigma is not None else (meta or {}).get("init_sigma", 2.5))
+    init_sigma = float(args.init_sigma if args.init_sigma is not None else meta.get("init_sigma", 2.5))
     created = dist_utils.init(device)
     try:
         mine = seeds[dist_utils.rank()::dist_utils.world_size()]  # as the protocol splits them
         parts = []
         for s, images, labels in generate_images(net, mine, sampler=args.sampler, init_sigma=init_sigma,
-                                                 steps=args.steps, sampler_kwargs=kw, class_idx=args.class_idx,
-                                                 label_probs=probs, batch=args.batch, device=device):
+                                                 steps=args.steps, sampler_kwargs=sampler_kwargs(args),
+                                                 class_idx=args.class_idx, label_probs=probs, batch=args.batch,
+                                                 device=device):
             if args.outdir:
                 save_pngs(args.outdir, s, images, subdirs=args.subdirs)
             if args.npz or args.grid:
@@ -216,18 +225,14 @@ def _run(args) -> str:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args([a for a in argv if a != "--debug"])
-    try:
+    argv, debug = split_debug(argv)
+    args = _parser().parse_args(argv)
+
+    def body():
         message = _run(args)
-    except Exception as e:  # noqa: BLE001 -- the command line's one error line
-        if "--debug" in argv:
-            raise
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        return 2
-    if dist_utils.env_rank() == 0:
-        print(message)
-    return 0
+        if dist_utils.env_rank() == 0:
+            print(message)
+    return run_main(body, debug)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,5 @@
-"""Loss formulas of EDM and SiD, per element with no reduction (the training loop sums and scales).
-
-* :class:`EDMLoss`: EDM's denoising loss (Karras et al. 2022, Eq. 2 with Table 1's weighting; EDM's
-  ``training/loss.py``), used to train teachers and, inside :class:`sidlib.sid_loss.SiDLoss`, the fake score.
-* :func:`sid_sigma` / :func:`sample_sid_sigma`: the rho = 7 noise schedule restricted to u <= tmax/1000.
-* :func:`sid_generator_loss`: SiD's generator loss per element (the paper's L2 - alpha L1 surrogate, with the
-  per-sample normaliser of SiD's ``training/sid_loss.py``).
-* :func:`finite_sample_mask`: which samples are free of NaN/Inf (bad samples are dropped from the losses).
+"""Loss formulas of EDM (``training/loss.py``: teachers and SiD's fake score) and SiD (``training/sid_loss.py``:
+the generator loss and its noise schedule), per element with no reduction (the training loop sums and scales).
 """
 
 from __future__ import annotations
@@ -20,13 +14,10 @@ __all__ = ['EDMLoss', 'sid_sigma', 'sample_sid_sigma', 'sid_generator_loss', 'fi
 
 
 class EDMLoss:
-    """EDM's denoising loss per element, ``lambda(sigma) (D(y + sigma n; sigma, labels, aug) - y)^2`` with
-    ``ln sigma ~ N(P_mean, P_std^2)`` and ``lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2``.
-
-    Draws, in this order, from ``generator`` (None / one generator / per-sample generators): sigma, the
-    augmentation, the noise; ``sigma [N, 1, 1, 1]`` and ``noise`` may be given instead. ``augment_labels`` goes to
-    the net when no ``augment_pipe`` is used (e.g. zeros for a net built with ``augment_dim=9``).
-    """
+    """EDM's denoising loss per element (Karras et al. 2022, Eq. 2), ``lambda(sigma) (D(y + sigma n; sigma, labels,
+    aug) - y)^2`` with ``ln sigma ~ N(P_mean, P_std^2)``, ``lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2``.
+    Draws sigma, the augmentation, the noise, in this order, from ``generator``; ``sigma [N, 1, 1, 1]`` and ``noise``
+    may be given instead. ``augment_labels`` go to the net when no ``augment_pipe`` is used."""
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
         self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
@@ -45,10 +36,9 @@ class EDMLoss:
         if sigma is None:
             sigma = self.sample_sigma(n, generator, device=images.device)
         sigma = sigma.reshape(-1, 1, 1, 1).to(torch.float32)
+        y = images
         if augment_pipe is not None:
             y, augment_labels = augment_pipe(images, generator=generator)
-        else:
-            y = images
         if noise is None:
             noise = randn(n, y.shape[1:], generator, device=y.device)
         kw = {} if augment_labels is None else {'augment_labels': augment_labels}

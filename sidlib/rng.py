@@ -16,22 +16,15 @@ dropout and label dropout              torch's global RNG, reseeded with
 student init (in-process teachers)     ``derive_seed(seed, STUDENT_INIT_STREAM)`` (global RNG, forked)
 data-free start of G (``g_init``)      ``derive_seed(seed, G_INIT_STREAM, part)``, part 0: latents and labels,
                                        1: regression batches and dropout, 2: fake-score pre-fit
-evaluation seed ``s``                  ``s % 2**32`` on the generating device (EDM's ``StackedRandomGenerator``
-                                       in ``generate.py``; SiD's ``generate_onestep.py``), drawn in this order:
-                                       the latent (float32 ``randn``), the class label (``randint(label_dim)``,
-                                       or one float64 uniform when class frequencies are given), then one
-                                       float64 ``randn`` per step of the stochastic Heun sampler
+evaluation seed ``s``                  ``s % 2**32`` on the generating device (EDM's ``generate.py``): the latent
+                                       (float32 ``randn``), the label (``randint`` or one float64 uniform), then
+                                       one float64 ``randn`` per step of the stochastic Heun sampler
 =====================================  =======================================================================
 
-``derive_seed`` mixes its keys with SplitMix64, so neighbouring keys give unrelated streams (unlike ``seed + i``);
-two streams meet only when their whole key tuples are equal. The training constants keep their values (runs stay
-reproducible), which leaves one meeting: the ``per_batch`` streams of iteration ``G_INIT_STREAM`` (1761) equal
-the ``g_init`` parts 0 and 1. Evaluation seeds are below ``2**32`` and the derived seeds are 63-bit hashes, so the
-two families do not meet in practice.
-
-"Generator" arguments (:data:`GeneratorArg`) accept ``None`` (torch's global RNG), one ``torch.Generator``, or
-a sequence of per-sample generators (one per row of the batch); per-sample draws are made on each generator's
-device and then moved to the requested device.
+``derive_seed`` mixes its keys with SplitMix64: streams meet only when their whole key tuples are equal (the one
+meeting, kept for reproducibility: ``per_batch`` streams of iteration ``G_INIT_STREAM`` (1761) equal ``g_init`` parts
+0 and 1). "Generator" arguments (:data:`GeneratorArg`): ``None`` (torch's global RNG), one ``torch.Generator``, a
+:class:`BatchStream` view, or one generator per row (drawn on its device, then moved to the requested device).
 """
 
 from __future__ import annotations
@@ -80,22 +73,13 @@ def derive_seed(*keys: int) -> int:
 
 def sample_generators(indices: Sequence[int], *keys: int, device='cpu') -> list:
     """One freshly seeded ``torch.Generator`` per sample index: seed ``derive_seed(*keys, index)``."""
-    out = []
-    for i in indices:
-        g = torch.Generator(device=device)
-        g.manual_seed(derive_seed(*keys, int(i)))
-        out.append(g)
-    return out
+    return [torch.Generator(device=device).manual_seed(derive_seed(*keys, int(i))) for i in indices]
 
 
 class BatchStream:
-    """The random draws of one global batch, of which a process's micro-batch takes rows ``[start, start + count)``.
-
-    The k-th draw of every micro-batch is the same global tensor (drawn once from one generator seeded with
-    ``derive_seed(*keys)``, then cached), so the rows a sample receives do not depend on how the global batch is
-    split over processes and micro-batches, while drawing costs one call per tensor instead of one per sample.
-    Create one per (iteration, phase) and call :meth:`view` for each micro-batch.
-    """
+    """The random draws of one global batch (one per iteration and phase; :meth:`view` per micro-batch): the k-th
+    draw of every view is rows ``[start, start + count)`` of one cached global tensor drawn from ``derive_seed(*keys)``,
+    so a sample's rows do not depend on the split over processes and micro-batches, at one call per tensor."""
 
     def __init__(self, keys: Sequence[int], total: int, device='cpu'):
         self.gen = torch.Generator(device=device).manual_seed(derive_seed(*keys))
@@ -121,19 +105,23 @@ class BatchStream:
 
 def _draw(fn, n, shape, generator, device, **kw):
     shape = list(shape)
-    if isinstance(generator, BatchStream):
-        out = generator.draw(fn, n, shape, **kw)
-        return out.to(device) if device is not None else out
     if generator is None:
         return fn([n] + shape, device=device, **kw)
-    if isinstance(generator, torch.Generator):
+    if isinstance(generator, BatchStream):
+        out = generator.draw(fn, n, shape, **kw)
+    elif isinstance(generator, torch.Generator):
         out = fn([n] + shape, generator=generator, device=generator.device, **kw)
-        return out.to(device) if device is not None else out
-    if len(generator) != n:
+    elif len(generator) != n:
         raise ValueError(f'expected {n} per-sample generators, got {len(generator)}')
-    rows = [fn(shape, generator=g, device=g.device, **kw) for g in generator]
-    out = torch.stack(rows) if rows else fn([0] + shape, **kw)
+    else:
+        rows = [fn(shape, generator=g, device=g.device, **kw) for g in generator]
+        out = torch.stack(rows) if rows else fn([0] + shape, **kw)
     return out.to(device) if device is not None else out
+
+
+def _inverse_cdf(u: torch.Tensor, p: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class indices of the float64 uniforms ``u`` under the (unnormalised) float64 frequencies ``p``."""
+    return torch.searchsorted(torch.cumsum(p / p.sum(), 0), u, right=True).clamp_(max=num_classes - 1)
 
 
 def randn(n: int, shape: Sequence[int], generator: GeneratorArg = None, device=None,
@@ -150,20 +138,15 @@ def rand(n: int, shape: Sequence[int], generator: GeneratorArg = None, device=No
 
 def random_labels(n: int, num_classes: int, generator: GeneratorArg = None, device=None,
                   probs: Optional[Sequence[float]] = None) -> Optional[torch.Tensor]:
-    """One-hot class labels ``[n, num_classes]`` float32 (``None`` when ``num_classes == 0``).
-
-    Classes are uniform unless ``probs`` (length ``num_classes``, need not be normalised) is given; either way
-    exactly one uniform float64 number is drawn per sample and the CDF is inverted.
-    """
+    """One-hot class labels ``[n, num_classes]`` float32 (None when ``num_classes == 0``), uniform or by the
+    unnormalised ``probs``: one float64 uniform per sample, CDF inverted."""
     if num_classes <= 0:
         return None
     u = rand(n, [], generator, device='cpu', dtype=torch.float64)
     if probs is None:
         idx = (u * num_classes).floor().long().clamp_(max=num_classes - 1)
     else:
-        p = torch.as_tensor(probs, dtype=torch.float64)
-        cdf = torch.cumsum(p / p.sum(), 0)
-        idx = torch.searchsorted(cdf, u, right=True).clamp_(max=num_classes - 1)
+        idx = _inverse_cdf(u, torch.as_tensor(probs, dtype=torch.float64), num_classes)
     return torch.nn.functional.one_hot(idx, num_classes).to(torch.float32).to(device)
 
 
@@ -182,20 +165,12 @@ def seed_generators(seeds: Sequence[int], device=None) -> list:
     return [torch.Generator(device=device).manual_seed(int(s) % (1 << 32)) for s in seeds]
 
 
-def _one_hot(idx: torch.Tensor, num_classes: int, device) -> torch.Tensor:
-    return torch.eye(num_classes, device=idx.device)[idx].to(device)
-
-
 def inputs_for_seeds(seeds: Sequence[int], shape: Sequence[int], label_dim: int = 0, device=None, *,
                      probs: Optional[Sequence[float]] = None, class_idx: Optional[int] = None) -> SeedInputs:
-    """Latents and labels of evaluation seeds, drawn as EDM's ``generate.py`` and SiD's ``generate_onestep.py`` draw
-    them: per seed, ``randn(shape)`` (float32) then ``randint(label_dim)`` from the seed's generator on ``device``.
-
-    probs: class frequencies (length ``label_dim``, need not be normalised): the label is then one float64 uniform
-        from the same generator, inverted through the CDF (an option EDM does not have). class_idx: every label set
-        to this class after the draw (EDM's ``--class``), so the sampler's later noise is unchanged.
-    Any split of the seeds over batches or processes gives the same rows.
-    """
+    """Latents and labels of evaluation seeds as EDM's ``generate.py`` and SiD's ``generate_onestep.py`` draw them:
+    per seed, ``randn(shape)`` (float32) then ``randint(label_dim)`` from the seed's generator on ``device``; any split
+    of the seeds gives the same rows. probs: unnormalised class frequencies (not in EDM): the label is then one float64
+    uniform, CDF inverted. class_idx: every label set to it after the draw (EDM's ``--class``)."""
     shape, gens = [int(s) for s in shape], seed_generators(seeds, device)
     if not gens:
         z = torch.zeros([0] + shape, device=device)
@@ -213,12 +188,12 @@ def inputs_for_seeds(seeds: Sequence[int], shape: Sequence[int], label_dim: int 
             raise ValueError(f'class frequencies must be {label_dim} non-negative numbers with a positive sum, '
                              f'got {list(p.shape)} values')
         u = torch.stack([torch.rand([], generator=g, device=g.device, dtype=torch.float64) for g in gens]).cpu()
-        idx = torch.searchsorted(torch.cumsum(p / p.sum(), 0), u, right=True).clamp_(max=label_dim - 1)
+        idx = _inverse_cdf(u, p, label_dim)
     if class_idx is not None:
         if not 0 <= int(class_idx) < label_dim:
             raise ValueError(f'class {class_idx} outside 0..{label_dim - 1}')
         idx = torch.full_like(idx, int(class_idx))
-    return SeedInputs(z, _one_hot(idx, label_dim, z.device), gens)
+    return SeedInputs(z, torch.eye(label_dim, device=idx.device)[idx].to(z.device), gens)
 
 
 def latents_for_seeds(seeds: Sequence[int], shape: Sequence[int], device=None,
@@ -229,9 +204,8 @@ def latents_for_seeds(seeds: Sequence[int], shape: Sequence[int], device=None,
 
 
 def reseed_global(seed: int, device) -> None:
-    """Seed torch's global RNG of ``device`` (dropout draws from it), CPU always. Unlike ``torch.manual_seed`` this
-    queues no seed for CUDA, MTIA or XPU when they are not initialised, which captures a stack trace per call
-    (about 1 ms, a tenth of a tiny network's iteration); on the CPU the resulting stream is the same."""
+    """Seed torch's global RNG of ``device`` (dropout draws from it), CPU always: the same stream as
+    ``torch.manual_seed`` without its costly (about 1 ms) lazy seeding of uninitialised CUDA/MTIA/XPU devices."""
     torch.default_generator.manual_seed(seed)
     if torch.device(device).type == 'cuda':
         torch.cuda.manual_seed(seed)

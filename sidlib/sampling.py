@@ -1,13 +1,7 @@
-"""Samplers for EDM teachers and SiD generators, as k-diffusion-style plain functions ``(denoiser, x, sigmas, ...)``.
-
-* :func:`edm_sigmas` / :func:`heun_sampler`: EDM's deterministic/stochastic 2nd-order Heun sampler (Karras et al.
-  2022, Algorithm 2; EDM's ``generate.py``) for teacher denoisers, with the number of network evaluations counted.
-* :func:`generate_onestep` / :func:`generate_fewstep`: sampling a SiD generator ``G`` (SiD's ``generate_onestep.py``).
-* :func:`onestep_generator` / :func:`heun_generator`: both as ``generator_fn(z, labels[, generators])`` of the
-  evaluation protocol (:mod:`sidlib.metrics.protocol`) and of ``python -m sidlib.generate``.
-* :func:`to_uint8`: images in [-1, 1] to the uint8 values EDM and SiD save.
-
-Seeded noise for evaluation (per-seed latents and labels) lives in :mod:`sidlib.rng`.
+"""Samplers as plain functions: EDM's Heun sampler for teachers (:func:`edm_sigmas`, :func:`heun_sampler`; EDM's
+``generate.py``), SiD generators (:func:`generate_onestep`, :func:`generate_fewstep`; SiD's ``generate_onestep.py``),
+both as ``generator_fn(z, labels[, generators])`` of :mod:`sidlib.metrics.protocol` (:func:`onestep_generator`,
+:func:`heun_generator`), and :func:`to_uint8`. Seeded evaluation noise lives in :mod:`sidlib.rng`.
 """
 
 from __future__ import annotations
@@ -19,19 +13,14 @@ import torch
 
 from .rng import GeneratorArg, randn
 
-__all__ = ['edm_sigmas', 'heun_sampler', 'generate_onestep', 'generate_fewstep', 'augment_zeros', 'to_uint8',
-           'onestep_generator', 'heun_generator']
+__all__ = ['edm_sigmas', 'heun_sampler', 'generate_onestep', 'generate_fewstep', 'augment_dim', 'augment_zeros',
+           'to_uint8', 'onestep_generator', 'heun_generator']
 
-
-# ----------------------------------------------------------------------------------------------
-# EDM Heun sampler.
 
 def edm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                device=None) -> torch.Tensor:
-    """EDM's noise levels ``[num_steps + 1]`` float64, decreasing from sigma_max to sigma_min, then 0.
-
-    t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..N-1; t_N = 0.
-    """
+    """EDM's noise levels ``[num_steps + 1]`` float64: ``t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) -
+    sigma_max^(1/rho)))^rho`` for i = 0..N-1, then ``t_N = 0``."""
     if num_steps < 1:
         raise ValueError(f'num_steps must be >= 1, got {num_steps}')
     i = torch.arange(num_steps, dtype=torch.float64, device=device)
@@ -50,20 +39,14 @@ def _call(denoiser, x, sigma, class_labels):
 def heun_sampler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=None,
                  S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float('inf'),
                  S_noise: float = 1.0, generator: GeneratorArg = None, noise_every_step: bool = False):
-    """EDM's 2nd-order Heun sampler (EDM, Algorithm 2). Returns ``(x0, nfe)``.
+    """EDM's 2nd-order Heun sampler (EDM, Algorithm 2; the last step is Euler, so ``2 N - 1`` evaluations when
+    deterministic). Returns ``(x0, nfe)``.
 
-    Args:
-        denoiser: ``D(x, sigma [N], class_labels) -> x0-estimate`` (an EDMPrecond or any callable).
-        x: initial noise ``[N, C, H, W]`` already scaled by ``sigmas[0]`` (e.g. ``z * sigmas[0]``);
-            the integration runs in x's dtype (use float64 to match EDM).
-        sigmas: ``[N_steps + 1]`` decreasing noise levels ending in 0 (see :func:`edm_sigmas`).
-        S_churn, S_min, S_max, S_noise: EDM's stochasticity parameters (S_churn=0: deterministic).
-        generator: randomness for the churn noise (only used when S_churn > 0).
-        noise_every_step: with S_churn > 0, draw the churn noise at every step and discard it where gamma = 0, as
-            EDM's ``edm_sampler`` does (it calls ``randn_like`` every step); with EDM's per-seed generators
-            (:func:`sidlib.rng.inputs_for_seeds`) this reproduces EDM's stochastic images.
-
-    The deterministic sampler uses ``2 N - 1`` network evaluations: the last step is an Euler step.
+    denoiser: ``D(x, sigma [N], class_labels)``. x: ``[N, C, H, W]`` noise already scaled by ``sigmas[0]``,
+    integrated in x's dtype (float64 matches EDM). sigmas: ``[N_steps + 1]`` decreasing, ending in 0.
+    S_churn, S_min, S_max, S_noise: EDM's stochasticity (S_churn=0: deterministic); generator: the churn noise.
+    noise_every_step: with S_churn > 0, draw the churn noise at every step and discard it where gamma = 0, as EDM's
+    ``edm_sampler`` does, which with EDM's per-seed generators reproduces EDM's stochastic images.
     """
     sigmas = [float(s) for s in sigmas]
     num_steps = len(sigmas) - 1
@@ -74,10 +57,7 @@ def heun_sampler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_label
         t_hat = t_cur + gamma * t_cur
         draw = gamma > 0 or (noise_every_step and S_churn > 0)
         eps = randn(x.shape[0], x.shape[1:], generator, device=x.device, dtype=x.dtype) if draw else None
-        if gamma > 0:
-            x_hat = x + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * eps
-        else:
-            x_hat = x
+        x_hat = x + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * eps if gamma > 0 else x
         d = (x_hat - _call(denoiser, x_hat, t_hat, class_labels)) / t_hat
         nfe += 1
         x = x_hat + (t_next - t_hat) * d
@@ -88,46 +68,36 @@ def heun_sampler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_label
     return x, nfe
 
 
-# ----------------------------------------------------------------------------------------------
-# SiD generator sampling.
-
-def augment_zeros(net, n: int, device) -> torch.Tensor | None:
-    """Zero augment labels ``[n, augment_dim]`` for a network built with ``augment_dim > 0``, else None.
-
-    SiD feeds zeros wherever no augmentation was applied: the augment mapping has no bias, so they contribute nothing.
-    Wrappers (DDP, ``torch.compile``) are looked through.
-    """
+def augment_dim(net) -> int:
+    """Length of the augmentation conditioning a network was built with (0 = none); wrappers (DDP,
+    ``torch.compile``) are looked through."""
     while isinstance(getattr(net, 'module', None) or getattr(net, '_orig_mod', None), torch.nn.Module):
         net = getattr(net, 'module', None) or net._orig_mod
     kwargs = getattr(net, 'init_kwargs', None)
-    dim = int(kwargs.get('augment_dim', 0) or 0) if isinstance(kwargs, dict) else 0
+    return int(kwargs.get('augment_dim', 0) or 0) if isinstance(kwargs, dict) else 0
+
+
+def augment_zeros(net, n: int, device) -> torch.Tensor | None:
+    """Zero augment labels ``[n, augment_dim]`` (what SiD feeds without augmentation; the augment mapping has no
+    bias) for a network built with ``augment_dim > 0``, else None."""
+    dim = augment_dim(net)
     return torch.zeros([n, dim], device=device) if dim > 0 else None
 
 
 def generate_onestep(G, z: torch.Tensor, init_sigma: float, class_labels=None, augment_labels=None) -> torch.Tensor:
-    """One-step SiD generation ``x_g = G(init_sigma * z, init_sigma, labels)``.
-
-    z: ``[N, C, H, W]`` standard normal latents; class_labels ``[N, label_dim]`` or None.
-    Returns float32 ``[N, C, H, W]`` images in [-1, 1] (not clipped). Gradients flow if enabled.
-    """
+    """One-step SiD generation ``x_g = G(init_sigma * z, init_sigma, labels)`` from standard normal latents
+    ``z [N, C, H, W]``: float32 images in [-1, 1] (not clipped); gradients flow if enabled."""
     n = z.shape[0]
     sigma = torch.full([n, 1, 1, 1], float(init_sigma), dtype=torch.float32, device=z.device)
-    kw = {}
     aug = augment_labels if augment_labels is not None else augment_zeros(G, n, z.device)
-    if aug is not None:
-        kw['augment_labels'] = aug
-    x = (z.to(torch.float32) * float(init_sigma))
-    return G(x, sigma, class_labels, **kw).to(torch.float32)
+    kw = {} if aug is None else {'augment_labels': aug}
+    return G(z.to(torch.float32) * float(init_sigma), sigma, class_labels, **kw).to(torch.float32)
 
 
 def generate_fewstep(G, z: torch.Tensor, sigmas: Sequence[float], class_labels=None,
                      generator: GeneratorArg = None) -> torch.Tensor:
-    """Multi-step sampling of a one-step generator by re-noising its output.
-
-    x = G(sigmas[0] z, sigmas[0]); then for every later level s_k: x = G(x + s_k n_k, s_k), n_k ~ N(0, I)
-    drawn from ``generator``. ``sigmas = [init_sigma]`` reproduces :func:`generate_onestep`.
-    Returns float32 ``[N, C, H, W]``; NFE = len(sigmas).
-    """
+    """Multi-step sampling by re-noising: x = G(sigmas[0] z, sigmas[0]), then x = G(x + s_k n_k, s_k) for each later
+    level, n_k ~ N(0, I) from ``generator``; ``[init_sigma]`` is :func:`generate_onestep`. NFE = len(sigmas)."""
     sigmas = [float(s) for s in sigmas]
     if not sigmas or any(s <= 0 for s in sigmas):
         raise ValueError(f'sigmas must be a non-empty list of positive levels, got {sigmas}')

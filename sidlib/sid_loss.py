@@ -1,23 +1,14 @@
 """SiD's two losses of one iteration (``SID_EDMLoss`` in SiD's ``training/sid_loss.py``): draw the noise, call the
-networks, return the per-element losses of the kept samples; the loop owns the reduction (sum x ``ls`` / ``lsg``
-over the per-process batch).
+networks, return the per-element losses of the kept samples (the loop sums them times ``ls`` / ``lsg`` over the
+per-process batch). Draws per sample, in order, for every row kept or not: fake-score loss: log-normal sigma,
+augmentation, noise (EDM's order); generator loss: u ~ U(0, tmax/1000), noise.
 
-Random draws per sample, in this order: fake-score loss: log-normal sigma, augmentation, noise (EDM's order);
-generator loss: u ~ U(0, tmax/1000), noise. Draws are made for every row, kept or not, so per-sample streams stay
-aligned.
-
-Non-finite samples (NaN/Inf) cost only their own row. SiD drops them after the networks ran, so a NaN row's
-activations meet its zero gradient in every weight gradient (0 * NaN) and poison the whole batch's gradient. Here:
-
-* a row of ``x_g`` that is not finite is replaced by zeros before any network sees it and dropped from the loss,
-  so it adds exactly zero to every gradient (and dropout masks of the other rows stay those of the full batch);
-* a network that produces non-finite values from a finite row (overflow, NaN weights reached by that input) has
-  NaN in its graph: the losses are then recomputed on the rows whose outputs were finite, with the same sigma,
-  noise and augmentation (the teacher and fake score are in eval mode in the generator loss, so their outputs
-  are unchanged; the fake score's dropout in its own loss is drawn anew). Rows still non-finite are dropped and
-  their gradients left to the loop's NaN -> 0 replacement, as in SiD.
-
-NaN produced inside G itself is the loop's business (it regenerates the finite rows, see ``sidlib.distill.loop``).
+Non-finite samples cost only their own row (SiD drops them after the networks ran, where 0 * NaN poisons every
+weight gradient): a non-finite row of ``x_g`` is zeroed before any network sees it and dropped from the loss; when
+a network yields non-finite values from finite rows, the loss is recomputed on the rows whose outputs were finite
+with the same sigma, noise and augmentation (the fake score's dropout in its own loss is drawn anew), and rows
+still non-finite are dropped (their gradients left to the loop's NaN -> 0 replacement, as SiD). NaN produced inside
+G itself is the loop's business (``sidlib.distill.loop``).
 """
 
 from __future__ import annotations
@@ -56,12 +47,9 @@ def _finite_loss(run, ok):
 
 
 class SiDLoss:
-    """SiD's fake-score and generator losses.
-
-    ``alpha``: weight of the squared teacher-fake gap (1.2 in the paper); ``tmax``: upper end of the generator
-    loss's noise range in 1/1000 of the rho-schedule (800: sigma <= 24.4); ``augment_pipe``: applied to x_g in the
-    fake-score loss, or None; ``P_mean, P_std, sigma_data``: EDM's training distribution for the fake-score loss.
-    """
+    """SiD's fake-score and generator losses. ``alpha``: weight of the squared teacher-fake gap (1.2 in the paper);
+    ``tmax``: top of the generator loss's noise range in 1/1000 of the rho-schedule (800: sigma <= 24.4);
+    ``augment_pipe``: applied to x_g in the fake-score loss, or None; ``P_mean, P_std, sigma_data``: EDM's."""
 
     def __init__(self, alpha: float = 1.2, tmax: float = 800.0, augment_pipe=None, P_mean: float = -1.2,
                  P_std: float = 1.2, sigma_data: float = 0.5):

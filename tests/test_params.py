@@ -238,7 +238,8 @@ def test_run_folders_change_with_the_trajectory_and_not_with_resumable_keys(tmp_
         same = {r.name: r.dir(tmp_path) for r in _digits_runs(**{key: value})}
         assert same == base, key
     # The seed is a grid key: every seed has its own folder.
-    assert base["uncond-seed0-glr0.0004-lr0.0003"] != base["uncond-seed1-glr0.0004-lr0.0003"]
+    u0, u1 = "uncond-seed0-glr0.0004-lr0.0003-duration_kimg40", "uncond-seed1-glr0.0004-lr0.0003-duration_kimg40"
+    assert base[u0] != base[u1]
 
 
 def test_run_names_hold_the_grid_values_and_a_list_of_grids_concatenates():

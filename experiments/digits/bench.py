@@ -214,7 +214,7 @@ class Digits(Benchmark):
         floor = metrics(sp.train_images, onehot, kid=False)
         record = {"classifier_test_accuracy": meta["test_accuracy"], "fid_train_vs_test": floor["fid"],
                   **{f"teacher_seconds_{d['variant']}": d["seconds"] for d in done}}
-        write_json(ctx.paths.metrics / "teacher-digits.json", record)
+        write_json(ctx.paths.eval / "teacher-digits.json", record)
         logs = {d["variant"]: read_jsonl(teacher_path(ckpt, d["variant"]).parent / "log.jsonl") for d in done}
         figs = {"digits-teacher/training_images.png": P.training_images(sp),
                 "digits-teacher/teacher_loss.png": P.teacher_loss(logs)}
@@ -232,7 +232,7 @@ class Digits(Benchmark):
         groups = _groups(all_runs)
         F.write_curve_plots(ctx.paths.plots / "digits", groups, curves, ("fid",), lambda k: dict(k)["variant"])
         seconds = [d["seconds"] for d in done]
-        write_json(ctx.paths.metrics / "distill-digits.json",
+        write_json(ctx.paths.eval / "distill-digits.json",
                    {"runs": len(done), "seconds_per_run": mean_std(seconds)[0], "seconds_total": sum(seconds)})
         figs = {"digits-distill/fid_curves.png": F.curves_with_bands(
                     groups, curves, ("fid",), {"fid": ("FID in digit-classifier features", True)},

@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from sidlib import distributed as dist_utils
+from sidlib.cli import run_main, split_debug
 from sidlib.io.atomic import atomic_copy, atomic_write_text
 from sidlib.io.jsonio import write_json
 from sidlib.io.registry import resolve_source
@@ -180,16 +181,9 @@ def _run(args) -> None:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args([a for a in argv if a != "--debug"])
-    try:
-        _run(args)
-    except Exception as e:  # noqa: BLE001 -- the command line's one error line
-        if "--debug" in argv:
-            raise
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        return 2
-    return 0
+    argv, debug = split_debug(argv)
+    args = _parser().parse_args(argv)
+    return run_main(lambda: _run(args), debug)
 
 
 if __name__ == "__main__":

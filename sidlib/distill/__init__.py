@@ -1,16 +1,8 @@
-"""Score identity Distillation of an EDM teacher into a one-step generator.
-
-In-process::
-
-    from sidlib.distill import distill
-    run_dir = distill({'teacher': 'teacher.safetensors', 'batch': 8, 'iterations': 20, 'run_dir': 'runs/demo'})
-
-Command line, also under ``torchrun --nproc_per_node N``::
-
-    python -m sidlib.distill --config cfg.yaml --run-dir DIR [--set key=value ...]
-
-Modules: :mod:`~sidlib.distill.config` (:class:`DistillConfig`), :mod:`~sidlib.distill.setup` (teacher, students,
-optimisers), :mod:`~sidlib.distill.loop` (the iteration), :mod:`~sidlib.distill.cli`.
+"""Score identity Distillation of an EDM teacher into a one-step generator: in-process
+``distill({'teacher': 'teacher.safetensors', 'batch': 8, 'iterations': 20, 'run_dir': 'runs/demo'})``, or
+``python -m sidlib.distill --config cfg.yaml --run-dir DIR [--set key=value ...]`` (also under torchrun).
+Modules: :mod:`.config` (:class:`DistillConfig`), :mod:`.setup` (teacher, students, optimisers), :mod:`.loop` (the
+iteration), :mod:`.init` (data-free start), :mod:`.cli`.
 """
 
 from .config import ConfigError, DistillConfig

@@ -1,17 +1,15 @@
-"""``python -m sidlib.distill``: run or resume SiD from a YAML/JSON config of :class:`DistillConfig` keys.
-
-Errors print one ``error: ...`` line and exit with status 2; ``--debug`` shows the traceback instead.
-"""
+"""``python -m sidlib.distill``: run or resume SiD from a YAML/JSON config of :class:`DistillConfig` keys (errors
+as :mod:`sidlib.cli`: one ``error: ...`` line and status 2, or the traceback with ``--debug``)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import List, Optional
 
 import yaml
 
 from .. import distributed as dist_utils
+from ..cli import run_main, split_debug
 from .config import ConfigError, DistillConfig
 from .loop import distill
 
@@ -26,17 +24,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                    help='override one config key (value parsed as YAML); repeatable')
     p.add_argument('--debug', action='store_true', help='show the traceback of an error')
+    argv, debug = split_debug(argv)
     args, rest = p.parse_known_args(argv)
-    try:
+
+    def body():
         run_dir = _run(p, args, rest)
-    except Exception as e:  # noqa: BLE001 -- the command line's one error line
-        if args.debug:
-            raise
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        return 2
-    if dist_utils.env_rank() == 0:
-        print(str(run_dir))
-    return 0
+        if dist_utils.env_rank() == 0:
+            print(str(run_dir))
+    return run_main(body, debug)
 
 
 def _run(p: argparse.ArgumentParser, args, rest: List[str]):

@@ -1,9 +1,7 @@
-"""The configuration of a SiD run: one dataclass, one translation from plain data, one validation.
-
-:meth:`DistillConfig.from_dict` is the only way from a mapping (a YAML file, a params block, a preset) to a
-config: unknown keys and wrong types raise :class:`ConfigError` naming the key. :meth:`DistillConfig.validate`
-checks every range before anything is computed or written. Units: learning rates per Adam step; ``tmax`` in
-1/1000 of the rho-schedule (SiD's ``--tmax``); ``*_kimg`` in thousands of generator images; ``*_ticks`` in ticks.
+"""The configuration of a SiD run: :meth:`DistillConfig.from_dict` (the only way from a mapping; unknown keys and
+wrong types raise :class:`ConfigError` naming the key) and :meth:`DistillConfig.validate` (every range, before
+anything is computed or written). Units: learning rates per Adam step; ``tmax`` in 1/1000 of the rho-schedule
+(SiD's ``--tmax``); ``*_kimg`` in thousands of generator images; ``*_ticks`` in ticks.
 """
 
 from __future__ import annotations
@@ -46,35 +44,31 @@ RESUMABLE_CHANGES = frozenset({
 class DistillConfig:
     """Plain-data configuration of a SiD run.
 
-    Teacher and students: teacher (a :func:`sidlib.load_network` source or the name of an in-process teacher, see
-        :func:`sidlib.distill.register_teacher`), teacher_kwargs (expected constructor kwargs; a stored teacher
-        that differs is refused), student (kwargs for G and the fake score: overrides of the teacher's, or the
-        full kwargs for in-process teachers), student_class.
-    SiD: alpha (1.2), tmax (800), init_sigma (2.5).
-    Optimisation: batch (global), batch_gpu (micro-batch per process; None = whole per-process batch), lr / glr
+    Teacher and students: teacher (a :func:`sidlib.load_network` source or an in-process teacher's name, see
+        :func:`sidlib.distill.register_teacher`), teacher_kwargs (expected constructor kwargs; a stored teacher that
+        differs is refused), student (kwargs of G and the fake score: overrides of the teacher's, or the full kwargs
+        for in-process teachers), student_class. SiD: alpha (1.2), tmax (800), init_sigma (2.5).
+    Optimisation: batch (global), batch_gpu (micro-batch per process; None = the whole per-process batch), lr / glr
         (fake score / G), g_beta1, beta2, adam_eps (None = 1e-8, or 1e-6 for fp16 as SiD), ls / lsg (static loss
-        scales), loss_scaler ('static': SiD's, non-finite gradient elements replaced NaN -> 0, +-Inf -> +-1e5 and
-        every step taken; 'dynamic': torch's GradScaler on top, which skips steps with non-finite gradients,
-        counted as skipped_steps_*), dropout (None = keep the networks'), augment_p (fake-score augmentation;
-        needs augment_dim=9), ema_halflife_kimg, ema_rampup.
-    Length and bookkeeping: iterations or duration_kimg (exactly one), tick_kimg, snap_ticks (G_ema snapshot +
-        grid + eval every N ticks and at the end; 0 = only at the end), extra_snap_ticks (further ticks with one;
-        SiD's loop: [0, 10, ..., 100] with snap_ticks 50), snapshot_keep_every (retention: keep every N-th
-        snapshot, the newest and, with snapshot_keep_best, the best by that key of the eval result
-        (snapshot_best_mode 'min' | 'max'); delete the others; 0 = keep all), state_ticks (training state every N
-        ticks and at the end), numbered_state_ticks (also keep training-state-<kimg>.pt every N ticks; 0 = never),
-        max_bad_iterations (stop with an error after this many consecutive iterations in which a phase kept no
-        sample or had a non-finite loss, checked every tick; 0 = never).
-    Randomness: seed, rng ('per_sample' | 'per_batch' | 'per_rank', see :mod:`sidlib.rng`), label_probs (class
-        probabilities; None = uniform).
-    Start: g_init (None = G and the fake score start as copies of the teacher; a mapping of
-        :data:`G_INIT_DEFAULTS` keys = regress G on the teacher's own sampler first, see :mod:`sidlib.distill.init`).
-    Numerics / performance: precision ('fp32' | 'bf16' | 'fp16', see :func:`sidlib.networks.set_precision`),
-        device ('auto' | 'cpu' | 'cuda' | 'cuda:N'), channels_last, compile, attention (None = the networks'
-        default, 'sdpa' | 'math'), fused_adam, num_threads.
-    Outputs: run_dir, eval_fn ('package.module:function' of an installed module, called as fn(G_ema, kimg) ->
-        dict at snapshots; with eval_kwargs, the named function is a factory called once as fn(**eval_kwargs)),
-        grid_size (images in the PNG sample grid; 0 = none), progress (tqdm bar), resume.
+        scales), loss_scaler ('static': SiD's, non-finite gradient elements replaced NaN -> 0, +-Inf -> +-1e5, every
+        step taken; 'dynamic': torch's GradScaler on top, whose skipped steps count as skipped_steps_*), dropout
+        (None = the networks'), augment_p (fake-score augmentation; needs augment_dim=9), ema_halflife_kimg,
+        ema_rampup.
+    Length and bookkeeping: iterations or duration_kimg (exactly one), tick_kimg, snap_ticks (G_ema snapshot + grid +
+        eval every N ticks and at the end; 0 = at the end only), extra_snap_ticks (further such ticks; SiD's loop:
+        [0, 10, ..., 100] with snap_ticks 50), snapshot_keep_every (keep every N-th snapshot, the newest and, with
+        snapshot_keep_best, the best by that eval key (snapshot_best_mode 'min' | 'max'), delete the rest; 0 = keep
+        all), state_ticks (training state every N ticks and at the end), numbered_state_ticks (also keep
+        training-state-<kimg>.pt every N ticks; 0 = never), max_bad_iterations (stop after this many consecutive
+        iterations in which a phase kept no sample or had a non-finite loss, checked every tick; 0 = never).
+    Randomness: seed, rng (see :mod:`sidlib.rng`), label_probs (class probabilities; None = uniform).
+    Start: g_init (None = G and the fake score copy the teacher; a mapping of :data:`G_INIT_DEFAULTS` keys = first
+        regress G on the teacher's own sampler, see :mod:`sidlib.distill.init`).
+    Numerics / performance: precision (see :func:`sidlib.networks.set_precision`), device ('auto' | 'cpu' | 'cuda' |
+        'cuda:N'), channels_last, compile, attention (None = the networks' default), fused_adam, num_threads.
+    Outputs: run_dir, eval_fn ('package.module:function' of an installed module, called as fn(G_ema, kimg) -> dict
+        at snapshots; with eval_kwargs it is a factory called once as fn(**eval_kwargs)), grid_size (images in the
+        PNG sample grid; 0 = none), progress (tqdm bar), resume.
     """
 
     teacher: str = ''
@@ -129,10 +123,8 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: Optional[dict] = None, *, where: str = '', **overrides) -> 'DistillConfig':
-        """Build and type-check a config from plain data; unknown keys and wrong types raise ConfigError.
-
-        ``where`` prefixes every key named in an error (e.g. ``'digits.distill.'``).
-        """
+        """Build and type-check a config from plain data; unknown keys and wrong types raise ConfigError naming the
+        key, prefixed by ``where`` (e.g. ``'digits.distill.'``)."""
         d = {**(d or {}), **overrides}
         hints = typing.get_type_hints(cls)
         unknown = sorted(set(d) - set(hints))
@@ -237,30 +229,26 @@ def _coerce(key: str, value, tp):
         if optional:
             return None
         raise ConfigError(f'{key}: must not be null')
-    base = typing.get_origin(tp) or tp
-    if base is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f'{key}: expected true/false, got {value!r}')
-        return value
-    if base is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(f'{key}: expected an integer, got {value!r}')
-        return int(value)
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f'{key}: expected a number, got {value!r}')
-        return float(value)
-    if base is str:
-        if not isinstance(value, str):
-            raise ConfigError(f'{key}: expected a string, got {value!r}')
-        return value
-    if base is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f'{key}: expected a mapping, got {value!r}')
-        return copy.deepcopy(value)
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f'{key}: expected a list, got {value!r}')
-    return list(value)
+    accepts, what, convert = _FIELD_TYPES.get(typing.get_origin(tp) or tp, _FIELD_TYPES[list])
+    if not accepts(value):
+        raise ConfigError(f'{key}: expected {what}, got {value!r}')
+    return convert(value)
+
+
+def _same(value):
+    return value
+
+
+#: Annotation -> (accepts the value, what is expected, conversion); any other annotation is a list.
+_FIELD_TYPES = {
+    bool: (lambda v: isinstance(v, bool), 'true/false', _same),
+    int: (lambda v: not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and v.is_integer())),
+          'an integer', int),
+    float: (lambda v: not isinstance(v, bool) and isinstance(v, (int, float)), 'a number', float),
+    str: (lambda v: isinstance(v, str), 'a string', _same),
+    dict: (lambda v: isinstance(v, dict), 'a mapping', copy.deepcopy),
+    list: (lambda v: isinstance(v, (list, tuple)), 'a list', list),
+}
 
 
 def normalise(v):

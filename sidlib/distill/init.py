@@ -1,14 +1,11 @@
 """A data-free start for SiD (``DistillConfig.g_init``): fit G to the teacher's own sampler before distilling.
 
-SiD starts G and the fake score as copies of the teacher, which fails for a teacher without weights to copy (an
-analytic denoiser) or a random start far from any mode. Using nothing but the teacher: (1) draw ``pairs`` latents z
-(and labels) and run EDM's Heun sampler (``heun_steps`` steps) from ``sigma_max z`` to samples x0(z); (2) regress
-``G(init_sigma z) -> x0(z)`` with Adam (``steps`` steps of ``batch`` pairs at ``lr``), so G approximates the ODE's
-transport map; (3) pre-fit the fake score to that G with ``fake_steps`` steps of its EDM loss (Adam at the config's
-``lr``); it starts from the teacher's weights, or from the fitted G for a teacher without weights.
-
-Every draw comes from ``derive_seed(seed, G_INIT_STREAM, part)``. With ``cache_dir`` the result is stored as
-``g-init-<digest>.pt`` under a digest of everything it depends on, and runs that share it load it.
+For a teacher without weights to copy (or a random start far from any mode), using the teacher alone: (1) run EDM's
+Heun sampler (``heun_steps``) from ``pairs`` latents z (and labels) to samples x0(z); (2) regress ``G(init_sigma z)
+-> x0(z)`` with Adam (``steps`` steps of ``batch`` pairs at ``lr``); (3) pre-fit the fake score (from the teacher's
+weights, or from G for a teacher without weights) with ``fake_steps`` steps of its EDM loss at the config's ``lr``.
+Draws come from ``derive_seed(seed, G_INIT_STREAM, part)``. With ``cache_dir`` the result is stored as
+``g-init-<digest>.pt`` under a digest of everything it depends on, for runs that share it.
 """
 
 from __future__ import annotations

@@ -1,17 +1,16 @@
 """The SiD training loop (SiD's ``training/sid_training_loop.py``), in-process and under ``torchrun``.
 
-Each iteration: (1) fake-score step: ``x_g = G(init_sigma z)`` (G in eval mode, no graph), EDM loss of the fake
-score on the (augmented) ``x_g``, one Adam step; (2) generator step: G in train mode, new z and labels, SiD's
-generator loss with the teacher and the fake score frozen, one Adam step on G; (3) EMA of G. Every random draw comes
-from a named stream of :mod:`sidlib.rng`. As SiD: losses summed times the static scale ``ls`` (``lsg``) / per-process
-batch (DDP averages over processes); non-finite gradient elements replaced (NaN -> 0, +-Inf -> +-1e5), counted, and
-every step taken (``loss_scaler='dynamic'``: torch's GradScaler, whose skipped steps are counted apart); on CUDA,
-TF32 and reduced-precision fp16 reductions off.
+Each iteration: (1) fake-score step: EDM loss of the fake score on the (augmented) ``x_g = G(init_sigma z)`` (G in
+eval mode, no graph), one Adam step; (2) generator step: G in train mode, new z and labels, SiD's generator loss with
+the teacher and fake score frozen, one Adam step on G; (3) EMA of G. Draws come from the named streams of
+:mod:`sidlib.rng`. As SiD: losses summed times ``ls`` (``lsg``) / per-process batch (DDP averages over processes);
+non-finite gradient elements replaced (NaN -> 0, +-Inf -> +-1e5) and counted, every step taken (unless
+``loss_scaler='dynamic'`` skips it); on CUDA, TF32 and reduced-precision fp16 reductions off.
 
-Faults: a non-finite sample costs only its own row (:mod:`sidlib.sid_loss`); when G itself yields non-finite rows
-(NaN in G's graph), the generator step regenerates the finite rows alone (same latents, labels, noise), so G's
-gradient stays finite. :class:`TrainingFault` stops a run after ``max_bad_iterations`` consecutive iterations in
-which a phase kept no sample or had a non-finite loss.
+Faults: a non-finite sample costs only its own row (:mod:`sidlib.sid_loss`); when G yields non-finite rows, the
+generator step regenerates the finite rows alone (same draws), so G's gradient stays finite. :class:`TrainingFault`
+stops a run after ``max_bad_iterations`` consecutive iterations in which a phase kept no sample or had a non-finite
+loss.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ from ..sampling import generate_onestep
 from ..sid_loss import SiDLoss
 from .config import G_INIT_DEFAULTS, ConfigError, DistillConfig, check_resume
 from .init import run_g_init
-from .setup import augment_dim, build_nets, clean_grads, load_eval_fn, make_adam, resolve_device
+from .setup import augment_dim, build_nets, clean_grads, load_eval_fn, resolve_device
 
 __all__ = ['distill', 'TrainingFault', 'STATE_FILE', 'LOG_FILE', 'CONFIG_FILE']
 
@@ -56,12 +55,9 @@ class TrainingFault(RuntimeError):
 
 
 def distill(config, run_dir: Optional[str | os.PathLike] = None, *, eval_fn: Optional[Callable] = None) -> Path:
-    """Run (or resume) SiD distillation; returns the run directory.
-
-    ``config``: a :class:`DistillConfig` or a plain dict; ``run_dir`` overrides ``config.run_dir``. ``eval_fn(G_ema,
-    kimg) -> dict`` (or the config's ``eval_fn``) is called on rank 0 at every snapshot and logged under
-    ``metrics``. Every validation happens before anything is computed or written.
-    """
+    """Run (or resume) SiD from a :class:`DistillConfig` or a plain dict; returns the run directory (``run_dir``
+    overrides the config's). ``eval_fn(G_ema, kimg) -> dict`` (or the config's) runs on rank 0 at every snapshot,
+    logged under ``metrics``. Everything is validated before anything is computed or written."""
     cfg = config if isinstance(config, DistillConfig) else DistillConfig.from_dict(config)
     if run_dir is not None:
         cfg = cfg.replace(run_dir=str(run_dir))
@@ -96,11 +92,11 @@ def distill(config, run_dir: Optional[str | os.PathLike] = None, *, eval_fn: Opt
 
 
 class TickStats:
-    """Per-tick sums, kept on the device so that a tick costs one synchronisation."""
+    """Per-tick sums, kept on the device so that a tick costs one synchronisation; the first four are added as one
+    vector per iteration."""
 
-    NAMES = ('loss_fake', 'kept_fake', 'nan_samples_fake', 'loss_G', 'kept_G', 'nan_samples_G',
-             'nonfinite_grads_fake', 'nonfinite_grads_G', 'skipped_steps_fake', 'skipped_steps_G', 'bad_iterations',
-             'fault')
+    NAMES = ('kept_fake', 'loss_fake', 'kept_G', 'loss_G', 'nonfinite_grads_fake', 'nonfinite_grads_G',
+             'skipped_steps_fake', 'skipped_steps_G', 'bad_iterations', 'fault')
     PER_STEP = ('nonfinite_grads_fake', 'nonfinite_grads_G', 'skipped_steps_fake', 'skipped_steps_G')
 
     def __init__(self, device):
@@ -109,11 +105,13 @@ class TickStats:
     def add(self, name: str, value) -> None:
         self.sums[self.NAMES.index(name)] += value
 
-    def collect(self, world: int) -> dict:
-        """Sums over all processes, then reset (per-step counts are identical on every rank)."""
+    def collect(self, world: int, images: int) -> dict:
+        """Sums over all processes, then reset (per-step counts are identical on every rank); ``images``: samples
+        drawn per phase in the tick, over all processes (the ones not kept were non-finite)."""
         out = dict(zip(self.NAMES, dist_utils.all_reduce_sum(self.sums.clone()).tolist()))
         self.sums.zero_()
-        return {k: v / world if k in self.PER_STEP else v for k, v in out.items()}
+        out = {k: v / world if k in self.PER_STEP else v for k, v in out.items()}
+        return {**out, 'nan_samples_fake': images - out['kept_fake'], 'nan_samples_G': images - out['kept_G']}
 
 
 def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state: Optional[dict], eval_fn) -> Path:
@@ -143,18 +141,19 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
         init_record = run_g_init(cfg, {**G_INIT_DEFAULTS, **cfg.g_init}, nets, sid_loss, device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
 
-    eps = cfg.resolved_adam_eps()
-    opt_fake = make_adam(fake.parameters(), cfg.lr, (0.0, cfg.beta2), eps, cfg.fused_adam)
-    opt_G = make_adam(G.parameters(), cfg.glr, (cfg.g_beta1, cfg.beta2), eps, cfg.fused_adam)
+    adam = dict(eps=cfg.resolved_adam_eps(), **({'fused': True} if cfg.fused_adam else {}))
+    opt_fake = torch.optim.Adam(fake.parameters(), lr=cfg.lr, betas=(0.0, cfg.beta2), **adam)
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, cfg.beta2), **adam)
     scaler_fake, scaler_G = (torch.amp.GradScaler(device.type, enabled=cfg.loss_scaler == 'dynamic') for _ in 'fG')
 
     logger = JsonlLogger(run_dir / LOG_FILE, enabled=main_proc)
     totals = {k: 0 for k in ('nan_samples_fake', 'nan_samples_G', 'nonfinite_grads_fake', 'nonfinite_grads_G',
                              'skipped_steps_fake', 'skipped_steps_G', 'bad_iterations')}
     start_it, cur_nimg, tick, tick_start_nimg, snapshots = 0, 0, 0, 0, []
+    stateful = {'G': G, 'fake': fake, 'G_ema': G_ema, 'opt_G': opt_G, 'opt_fake': opt_fake, 'scaler_G': scaler_G,
+                'scaler_fake': scaler_fake}  # training-state key -> object
     if state is not None:
-        for obj, key in ((G, 'G'), (fake, 'fake'), (G_ema, 'G_ema'), (opt_G, 'opt_G'), (opt_fake, 'opt_fake'),
-                         (scaler_G, 'scaler_G'), (scaler_fake, 'scaler_fake')):
+        for key, obj in stateful.items():
             obj.load_state_dict(state[key])
         restore_rng(state['rng'])
         start_it, cur_nimg = int(state['iteration']), int(state['images_seen'])
@@ -170,16 +169,13 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
     dist_utils.barrier()
 
     # Execution wrappers: DDP for the trained networks, torch.compile when asked; the raw modules keep the state.
-    fake_train, G_train = fake, G
+    ddp_fake, ddp_G = None, None
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP  # imported late: seconds of start-up
-        fake_train, G_train = DDP(fake, broadcast_buffers=False), DDP(G, broadcast_buffers=False)
-    ddp_fake, ddp_G = (fake_train, G_train) if world > 1 else (None, None)
-    if cfg.compile:
-        fake_train, G_train, teacher_run = torch.compile(fake_train), torch.compile(G_train), torch.compile(teacher)
-        G_eval, fake_eval = torch.compile(G), torch.compile(fake)
-    else:
-        teacher_run, G_eval, fake_eval = teacher, G, fake
+        ddp_fake, ddp_G = DDP(fake, broadcast_buffers=False), DDP(G, broadcast_buffers=False)
+    run = torch.compile if cfg.compile else (lambda module: module)
+    fake_train, G_train, teacher_run = run(ddp_fake or fake), run(ddp_G or G), run(teacher)
+    G_eval, fake_eval = run(G), run(fake)
 
     total_iters = cfg.total_iterations()
     per_rank = cfg.batch // world
@@ -222,9 +218,7 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
         return _apply_retention(run_dir, snapshots, cfg)
 
     def training_state(it_done):
-        return {'G': G.state_dict(), 'fake': fake.state_dict(), 'G_ema': G_ema.state_dict(),
-                'opt_G': opt_G.state_dict(), 'opt_fake': opt_fake.state_dict(),
-                'scaler_G': scaler_G.state_dict(), 'scaler_fake': scaler_fake.state_dict(),
+        return {**{key: obj.state_dict() for key, obj in stateful.items()},
                 'rng': capture_rng(), 'iteration': it_done, 'images_seen': cur_nimg, 'tick': tick,
                 'tick_start_nimg': tick_start_nimg, 'totals': dict(totals), 'config': cfg.to_dict(),
                 'snapshots': copy.deepcopy(snapshots),
@@ -266,7 +260,6 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
                 loss, keep = sid_loss.fake_score_loss(fake_train, x_g, labels, generator=gens)
                 scaler_fake.scale(loss.sum() * (cfg.ls / per_rank)).backward()
             it_sums[:2] += torch.stack([keep.sum(), loss.detach().sum()]).double()
-            stats.add('nan_samples_fake', (~keep).sum())
         fake.eval().requires_grad_(False)
         step(opt_fake, scaler_fake, list(fake.parameters()), 'fake')
 
@@ -279,17 +272,17 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
             with no_sync_unless_last(ddp_G, r):
                 x_g = generate_onestep(G_train, z, cfg.init_sigma, labels)
                 loss, keep = sid_loss.generator_loss(teacher_run, fake_eval, x_g, labels, generator=gens)
-                if not bool(keep.all()) and not bool(finite_sample_mask(x_g).all()):
+                g_ok = None if bool(keep.all()) else finite_sample_mask(x_g)
+                if g_ok is not None and not bool(g_ok.all()):
                     # NaN inside G: its graph would turn the dropped rows' zero gradient into NaN. Regenerate
                     # the finite rows alone, with this micro-batch's draws again.
-                    ok = finite_sample_mask(x_g).nonzero().squeeze(1)
+                    ok = g_ok.nonzero().squeeze(1)
                     gens, labels, z = draw(it, PHASE_G, r, stream)
                     x_ok = generate_onestep(G_train, z[ok], cfg.init_sigma, None if labels is None else labels[ok])
                     x_g = torch.full_like(x_g, math.nan).index_put((ok,), x_ok)
                     loss, keep = sid_loss.generator_loss(teacher_run, fake_eval, x_g, labels, generator=gens)
                 scaler_G.scale(loss.sum() * (cfg.lsg / per_rank)).backward()
             it_sums[2:] += torch.stack([keep.sum(), loss.detach().sum()]).double()
-            stats.add('nan_samples_G', (~keep).sum())
         G.eval()
         step(opt_G, scaler_G, list(G.parameters()), 'G')
 
@@ -300,8 +293,7 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
         it_done = it + 1
         tick_iters += 1
         pbar.update(1)
-        for i, name in enumerate(('kept_fake', 'loss_fake', 'kept_G', 'loss_G')):
-            stats.add(name, it_sums[i])
+        stats.sums[:4] += it_sums
         bad = ((it_sums[0::2] == 0) | ~torch.isfinite(it_sums[1::2])).any().double()
         streak = (streak + 1) * bad
         stats.add('bad_iterations', bad)
@@ -312,7 +304,7 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
         done = it_done == total_iters
         if not (tick == 0 or done or cur_nimg >= tick_start_nimg + cfg.tick_kimg * 1000):
             continue
-        s = stats.collect(world)
+        s = stats.collect(world, tick_iters * cfg.batch)
         for k in totals:
             totals[k] += int(s[k])
         dt = time.time() - tick_t0

@@ -1,10 +1,7 @@
-"""What a SiD run needs before its first iteration (the teacher, the two students, the device, the optimisers) and
-SiD's gradient cleaning before each optimiser step.
-
-SiD initialises both the generator G and the fake score from the teacher's weights (SiD's
-``training/sid_training_loop.py``). A teacher without weights to copy (an analytic denoiser registered with
-:func:`register_teacher`) gets students built from the config's ``student`` kwargs with a seeded random
-initialisation, and the fake score starts as a copy of G.
+"""What a SiD run needs before its first iteration (teacher, students, device, optimisers) and SiD's gradient
+cleaning. G and the fake score start from the teacher's weights (SiD's ``training/sid_training_loop.py``); for a
+teacher without weights (registered with :func:`register_teacher`) they are built from the config's ``student``
+kwargs with a seeded random initialisation, the fake score a copy of G.
 """
 
 from __future__ import annotations
@@ -22,20 +19,19 @@ from ..io import registry
 from ..io.checkpoints import CheckpointError, effective_kwargs, load_network, read_network_meta
 from ..networks import build_network
 from ..rng import STUDENT_INIT_STREAM, derive_seed
+from ..sampling import augment_dim
 from .config import ConfigError, DistillConfig, normalise
 
-__all__ = ['Nets', 'register_teacher', 'registered_teachers', 'build_nets', 'resolve_device', 'make_adam',
-           'clean_grads', 'load_eval_fn', 'augment_dim']
+__all__ = ['Nets', 'register_teacher', 'registered_teachers', 'build_nets', 'resolve_device', 'clean_grads',
+           'load_eval_fn', 'augment_dim']
 
 _TEACHER_FACTORIES: Dict[str, Callable[[], torch.nn.Module]] = {}
 
 
 def register_teacher(name: str, factory: Callable[[], torch.nn.Module]) -> None:
-    """Register an in-process teacher (e.g. an analytic denoiser) under ``name``.
-
-    ``factory()`` returns an EDMPrecond-like module: ``forward(x, sigma, class_labels=None, **kw)`` and attributes
-    ``img_resolution``, ``img_channels``, ``label_dim``. Re-registering a name replaces the factory.
-    """
+    """Register (or replace) an in-process teacher, e.g. an analytic denoiser: ``factory()`` returns an
+    EDMPrecond-like module (``forward(x, sigma, class_labels=None, **kw)``, ``img_resolution``, ``img_channels``,
+    ``label_dim``)."""
     if not isinstance(name, str) or not name:
         raise ValueError('teacher name must be a non-empty string')
     _TEACHER_FACTORIES[name] = factory
@@ -56,11 +52,6 @@ class Nets:
 def _init_kwargs(net) -> dict:
     kw = getattr(net, 'init_kwargs', None)
     return dict(kw) if isinstance(kw, dict) else {}
-
-
-def augment_dim(net) -> int:
-    """Length of the augmentation conditioning a network was built with (0 = none)."""
-    return int(_init_kwargs(net).get('augment_dim', 0) or 0)
 
 
 def _mismatch(expected: dict, stored: dict) -> List[str]:
@@ -155,10 +146,6 @@ def resolve_device(cfg: DistillConfig) -> torch.device:
     if cfg.device == 'cuda':
         return torch.device('cuda', dist_utils.env_local_rank())
     return torch.device(cfg.device)
-
-
-def make_adam(params, lr: float, betas, eps: float, fused: bool) -> torch.optim.Adam:
-    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, **({'fused': True} if fused else {}))
 
 
 def clean_grads(params, scaler=None, opt=None) -> torch.Tensor:

@@ -1,9 +1,6 @@
-"""Atomic file writes: readers see the old file or the complete new one, never a partial file.
-
-Every writer goes through a temporary file ``.<name>.<random>.partial`` in the destination's own directory (so the
-final ``os.replace`` is a same-filesystem rename, atomic on POSIX and Windows), removed if anything fails first.
-Finished files get the mode ``0666 & ~umask`` (0644 under umask 022), not the 0600 of temporary files.
-"""
+"""Atomic file writes: readers see the old file or the complete new one. Writers go through a temporary
+``.<name>.<random>.partial`` beside the destination (removed on failure), renamed with ``os.replace``; finished files
+get the mode ``0666 & ~umask``, not the 0600 of temporary files."""
 
 from __future__ import annotations
 

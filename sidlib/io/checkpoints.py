@@ -1,15 +1,14 @@
 """Load EDM teachers, released SiD generators and our own checkpoints into sidlib networks.
 
-Sources: a registered name or a ``file://`` / ``http(s)://`` URL (:mod:`sidlib.io.registry`, downloaded once into
-the cache); an EDM/SiD network pickle (``'ema'``, plus ``'loss_fn'``, ``'augment_pipe'``, ``'dataset_kwargs'`` in EDM
-snapshots), read by :mod:`sidlib.io.edm_pickle` without running its code; our ``<name>.safetensors`` +
-``<name>.json`` (either file, or ``<name>``); or a directory holding one (``network.safetensors`` preferred). The
-stored constructor kwargs are checked against the stored tensors on the meta device first (nothing allocated; a
-build registering far more tensors than the file holds is abandoned), then the network is built and loaded strictly.
+Sources: a registered name or URL (:mod:`sidlib.io.registry`, downloaded once); an EDM/SiD network pickle, read by
+:mod:`sidlib.io.edm_pickle` without running its code; our ``<name>.safetensors`` + ``<name>.json`` (either file, or
+``<name>``); or a directory holding one (``network.safetensors`` preferred). The stored kwargs are first checked
+against the stored tensors on the meta device (a build registering far more tensors than stored is abandoned), then
+the network is built and loaded strictly.
 
-Our format (``FORMAT``): weights in safetensors (metadata ``{'format': FORMAT}`` only, so identical weights give
-identical bytes) and a JSON sidecar ``{"format", "class_name", "init_kwargs", "meta": {"init_sigma", "alpha", "kimg",
-"provenance", ...}, "weights", "weights_sha256", "num_tensors"}``, written atomically, the sidecar last.
+Our format (``FORMAT``): safetensors weights (metadata ``{'format': FORMAT}`` only, so identical weights give
+identical bytes) and a JSON sidecar ``{"format", "class_name", "init_kwargs", "meta", "weights", "weights_sha256",
+"num_tensors"}``, written atomically, the sidecar last.
 """
 
 from __future__ import annotations
@@ -116,8 +115,7 @@ def _read_sidlib(weights: Path, load_tensors: bool) -> tuple[str, dict, dict, di
                 sd = {k: TensorInfo(tuple(f.get_slice(k).get_shape()), None) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {str(e)[:200]}") from None
-    info = {"format": FORMAT, "weights_sha256": recorded}
-    return doc["class_name"], doc["init_kwargs"], sd, {"meta": doc.get("meta", {}), "info": info}
+    return doc["class_name"], doc["init_kwargs"], sd, doc.get("meta", {})
 
 
 _SID_SNAPSHOT_NAME = re.compile(r"network-snapshot-(\d+\.\d+)-(\d+)\.pkl$")
@@ -150,7 +148,9 @@ def _read_pickle(path: Path, load_tensors: bool, prov: dict) -> tuple[str, dict,
         with contextlib.suppress(CheckpointError):
             extra["dataset_kwargs"] = plain_value(data["dataset_kwargs"], "dataset_kwargs")
     extra["module_src_sha256"] = data["ema"].module_src_sha256
-    return class_name, init_kwargs, sd, {"meta": meta, "info": extra}
+    meta["provenance"] = {**prov, "path": str(path), "format": "edm-pickle",
+                          "sha256": _read_record(path) or file_sha256(path), **extra}
+    return class_name, init_kwargs, sd, meta
 
 
 def _read(source, cache_dir, load_tensors: bool):
@@ -158,13 +158,8 @@ def _read(source, cache_dir, load_tensors: bool):
     try:
         kind, file = _locate(path)
         if kind == "sidlib":
-            class_name, init_kwargs, sd, parts = _read_sidlib(file, load_tensors)
-            return class_name, init_kwargs, sd, parts["meta"], file, kind
-        class_name, init_kwargs, sd, parts = _read_pickle(file, load_tensors, prov)
-        meta = parts["meta"]
-        meta["provenance"] = {**prov, "path": str(file), "format": "edm-pickle",
-                              "sha256": _read_record(file) or file_sha256(file), **parts["info"]}
-        return class_name, init_kwargs, sd, meta, file, kind
+            return *_read_sidlib(file, load_tensors), file, kind
+        return *_read_pickle(file, load_tensors, prov), file, kind
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
 
@@ -293,9 +288,8 @@ def _build(class_name: str, init_kwargs: dict, sd: Mapping, where: str) -> torch
 
 
 def load_network(source, *, cache_dir=None, expected_kwargs: Mapping | None = None) -> torch.nn.Module:
-    """An EDM teacher, SiD generator or sidlib checkpoint (any source above) in eval mode on the CPU, callable as
-    ``net(x [N,C,R,R], sigma, class_labels=None, augment_labels=None)``; ``expected_kwargs``: constructor kwargs it
-    must have (after filling in defaults). Raises :class:`CheckpointError` (:class:`UnsafePickleError`)."""
+    """A network (any source above) in eval mode on the CPU, ``net(x [N,C,R,R], sigma, class_labels=None, ...)``;
+    ``expected_kwargs``: constructor kwargs it must have. Raises :class:`CheckpointError` (or its subclasses)."""
     return load_checkpoint(source, cache_dir=cache_dir, expected_kwargs=expected_kwargs)[0]
 
 
@@ -319,19 +313,15 @@ def read_network_meta(source, *, cache_dir=None) -> dict:
 
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
     # DistributedDataParallel / DataParallel keep the network in .module; torch.compile in ._orig_mod.
-    while True:
-        if isinstance(net, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            net = net.module
-        elif isinstance(getattr(net, "_orig_mod", None), torch.nn.Module):
-            net = net._orig_mod
-        else:
-            return net
+    parallel = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    while isinstance(net, parallel) or isinstance(getattr(net, "_orig_mod", None), torch.nn.Module):
+        net = net.module if isinstance(net, parallel) else net._orig_mod
+    return net
 
 
 def save_network(path, net: torch.nn.Module, meta: Mapping | None = None) -> Path:
     """Write ``<path>.safetensors`` and ``<path>.json`` of a sidlib network (DDP/compiled wrappers unwrapped) with
-    JSON-able ``meta`` (conventionally ``init_sigma``, ``alpha``, ``kimg``, ``images_seen``, ``provenance``);
-    returns the weights' path."""
+    JSON-able ``meta`` (``init_sigma``, ``alpha``, ``kimg``, ``images_seen``, ``provenance``); returns the weights."""
     from safetensors.torch import save_file
 
     net = _unwrap(net)

@@ -1,16 +1,12 @@
 """Cached, checksummed, atomic downloads of checkpoints (``file://`` and ``http(s)://``).
 
 Cache (``cache_dir``, else ``$SIDLIB_CACHE``, else ``~/.cache/sidlib``): ``<cache>/<16 hex of sha256(url)>/<name>``,
-beside it ``<name>.sha256`` (``"<digest>  <name>"``, for ``sha256sum -c``) and ``<name>.lock``. Under an ``flock`` of
-the lock (concurrent calls for one URL take turns; the later ones find the entry complete), leftover ``.partial``
-files of killed attempts are removed, the URL is streamed into a ``.partial`` file, hashed, and renamed into place
-once complete and matching the expected digest, if one was given; the record is written last, and a file without
-one counts as incomplete. Complete means the announced ``Content-Length``, a chunked transfer that ended properly,
-or the pinned digest. A transfer with neither length nor chunks (HTTP/1.0 style: the closing connection ends the
-data) cannot show a truncation: the file is returned with a warning but not recorded, so the next call fetches it
-again; pin its ``sha256`` to cache it. A reused entry is re-hashed (once per process while its size, mtime and
-inode stay the same); a damaged one is fetched again with a warning, and one that differs from the expected digest
-is fetched again, raising :class:`ChecksumError` and caching nothing if the fresh copy differs too.
+beside it ``<name>.sha256`` (``"<digest>  <name>"``, for ``sha256sum -c``; written last, a file without one is
+incomplete) and ``<name>.lock`` (an ``flock``: concurrent calls for one URL take turns). The URL is streamed into a
+``.partial`` file and renamed into place once complete (the announced length, a properly ended chunked transfer, or
+the pinned digest) and matching the expected digest. Without length or chunks a truncation cannot be seen: the file
+is returned with a warning and not recorded. A reused entry is re-hashed (once per process while size, mtime and
+inode stay); a damaged or mismatching one is fetched again (:class:`ChecksumError` if the fresh copy differs too).
 """
 
 from __future__ import annotations

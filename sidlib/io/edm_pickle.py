@@ -1,15 +1,13 @@
 """Read EDM / SiD network pickles without running anything stored in them.
 
-EDM's ``torch_utils/persistence.py`` pickles each network object as ``_reconstruct_persistent_obj(meta)`` with its
-module's source in ``meta['module_src']``; NVIDIA's loader runs that source, this reader never does. Two passes:
-:func:`scan_pickle` walks the opcodes and, before anything is built, refuses globals outside
-:data:`ALLOWED_GLOBALS`, lengths past the end of the data, memo indices beyond those written, more than
-:data:`MAX_NODES` objects (a shared object counted once per path to it: what a consumer walks), nesting deeper than
-:data:`MAX_DEPTH`, cycles, dict keys and set members other than strings (nothing else is ever hashed), and BUILD on
-anything but a ModuleDict or numpy dtype. Then a restricted unpickler makes each persistent object an inert
-:class:`PersistentRecord`; a tensor storage (a legacy ``torch.save`` blob) is parsed, not unpickled, its size
-checked against its data, and read once however often it is referenced; tensors may not claim more elements than
-the storages hold. Every failure is a :class:`CheckpointError` naming the file.
+EDM's ``torch_utils/persistence.py`` pickles each network as ``_reconstruct_persistent_obj(meta)`` with its module's
+source in ``meta['module_src']``; NVIDIA's loader runs that source, this reader never does. :func:`scan_pickle` first
+walks the opcodes and refuses globals outside :data:`ALLOWED_GLOBALS`, lengths past the data, unwritten memo indices,
+more than :data:`MAX_NODES` objects (a shared one counted per path), nesting deeper than :data:`MAX_DEPTH`, cycles,
+non-string dict keys and set members, and BUILD on anything but a ModuleDict or numpy dtype. A restricted unpickler
+then makes each persistent object an inert :class:`PersistentRecord`; tensor storages (legacy ``torch.save`` blobs)
+are parsed and size-checked, read once each, and tensors may not claim more elements than the storages hold. Every
+failure is a :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
@@ -248,11 +246,8 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 def load_storage_blob(blob: bytes, *, load_data: bool = True):
     """One ``torch.storage._load_from_bytes`` blob -> a flat 1-D CPU tensor (a :class:`TensorInfo` without data).
-
-    Before ``torch.load(weights_only=True)`` reads it, the header's opcodes are checked without unpickling anything:
-    it must be torch's (little-endian, one storage of a torch type) and the data exactly the declared size, so a blob
-    cannot make the reader allocate more than it holds. Zip blobs, which torch's reducers never write, are refused,
-    not inflated."""
+    Before ``torch.load(weights_only=True)`` reads it, its header must be torch's (little-endian, one storage of a
+    torch type) and its data exactly the declared size, checked without unpickling; zip blobs are refused."""
     if not isinstance(blob, (bytes, bytearray)) or blob[:4] == b"PK\x03\x04":
         raise CheckpointError("storage blob is not bytes, or is a zip archive (EDM/SiD pickles hold legacy "
                               "torch.save blobs only)")
@@ -423,7 +418,3 @@ def read_edm_pickle(source: str | os.PathLike | bytes | BinaryIO, *, load_tensor
     if not isinstance(obj, dict):
         raise CheckpointError(f"{name} holds a {type(obj).__name__}, expected a dict such as {{'ema': network}}")
     return obj
-
-
-# ----------------------------------------------------------------------------------------------
-# Record tree -> state_dict / constructor kwargs.

@@ -1,7 +1,5 @@
-"""From the inert records of an EDM / SiD pickle (:mod:`sidlib.io.edm_pickle`) to a network's class name, constructor
-kwargs and state_dict, as EDM's ``torch_utils/persistence.py`` would rebuild it, without running its stored source.
-Plain values are copied under a budget (:data:`~sidlib.io.edm_pickle.MAX_PLAIN`), so no file can make them large.
-"""
+"""The inert records of an EDM / SiD pickle (:mod:`sidlib.io.edm_pickle`) -> a network's class name, constructor
+kwargs and state_dict, as EDM's ``torch_utils/persistence.py`` would rebuild it, without running its stored source."""
 
 from __future__ import annotations
 
@@ -18,9 +16,8 @@ __all__ = ["network_from_record", "state_dict_from_record", "plain_value"]
 
 
 def state_dict_from_record(record, prefix: str = "") -> "collections.OrderedDict[str, Any]":
-    """Flatten a module record tree in ``torch.nn.Module.state_dict`` order and naming: per module its non-None
-    parameters, its persistent non-None buffers, then its children (``_modules``) under ``'<child>.'``. A module
-    or tensor may appear only once (EDM's never share them)."""
+    """Flatten a module record tree as ``torch.nn.Module.state_dict`` does (parameters, persistent buffers, then
+    children under ``'<child>.'``); a module or tensor may appear only once (EDM's never share them)."""
     out, seen, chars = collections.OrderedDict(), set(), [0]
 
     def walk(node, prefix, depth):
@@ -72,9 +69,8 @@ def plain_value(x, where: str = "value", _budget: list | None = None):
 
 
 def network_from_record(record: PersistentRecord) -> tuple[str, dict, "collections.OrderedDict"]:
-    """``(class_name, init_kwargs, state_dict)`` of a top-level network record: the constructor arguments EDM's
-    persistence decorator records (``_init_kwargs``; EDM passes none positionally) as plain values, and EDM key
-    names -> CPU tensors (or :class:`TensorInfo`)."""
+    """``(class_name, init_kwargs, state_dict)`` of a network record: the ``_init_kwargs`` EDM's persistence
+    decorator records, as plain values, and EDM key names -> CPU tensors (or :class:`TensorInfo`)."""
     if not isinstance(record, PersistentRecord):
         raise CheckpointError(f"expected a persistent network record, got {type(record).__name__}")
     kwargs, args = record.state.get("_init_kwargs") or {}, record.state.get("_init_args", ())

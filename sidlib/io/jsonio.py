@@ -1,9 +1,4 @@
-"""The one JSON convention of sidlib: plain data in, atomic files out.
-
-:func:`to_jsonable` turns what runs produce into JSON values: numpy and 0-d torch scalars become Python numbers,
-arrays and tuples become lists, paths become strings, dict keys become strings, and non-finite floats (NaN, +-Inf,
-which JSON cannot represent) become ``null``. :func:`write_json` writes that atomically.
-"""
+"""The one JSON convention of sidlib: plain data in (:func:`to_jsonable`), atomic files out (:func:`write_json`)."""
 
 from __future__ import annotations
 
@@ -19,7 +14,8 @@ __all__ = ['to_jsonable', 'dumps', 'write_json']
 
 
 def to_jsonable(x: Any) -> Any:
-    """``x`` as plain JSON data (see the module docstring); anything else raises ``TypeError`` naming its type."""
+    """``x`` as JSON data: numpy/torch scalars -> numbers, arrays and tuples -> lists, paths and dict keys ->
+    strings, NaN/+-Inf -> ``None``; anything else raises ``TypeError`` naming its type."""
     if x is None or isinstance(x, (bool, str, int)):
         return x
     if isinstance(x, float):

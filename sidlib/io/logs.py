@@ -1,12 +1,9 @@
-"""Run logging: an append-only JSON-lines log that survives crashes and resumes, and its one reader.
-
-Each record is one JSON object on its own line, flushed and fsynced when written. After a crash a
-last line may be incomplete; :meth:`JsonlLogger.truncate_after` (called on resume) drops it together
-with every record of iterations that the resumed run will redo, so the log reads as if uninterrupted.
-"""
+"""Run logging: an append-only JSON-lines log (one object per line, fsynced) that survives crashes and resumes;
+:meth:`JsonlLogger.truncate_after` (on resume) drops a torn last line and the records of iterations to be redone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -20,17 +17,10 @@ __all__ = ['JsonlLogger', 'read_jsonl', 'training_curve']
 def read_jsonl(path: str | os.PathLike) -> list:
     """All complete records of a JSON-lines file (unparsable lines, e.g. a torn last line, are skipped)."""
     out = []
-    p = Path(path)
-    if not p.exists():
-        return out
-    for line in p.read_text(encoding='utf-8').splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    if Path(path).exists():
+        for line in Path(path).read_text(encoding='utf-8').splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # blank and torn lines
+                out.append(json.loads(line.strip()))
     return out
 
 
@@ -59,9 +49,7 @@ class JsonlLogger:
 
 
 def training_curve(run_dir: str | os.PathLike, log_name: str = 'log.jsonl') -> list:
-    """The evaluation records of a distillation run, in order: ``[{kimg, images_seen, iteration, <metrics>}]``.
-
-    Reads ``<run_dir>/log.jsonl`` and keeps the records that carry ``metrics`` (those written at snapshots).
-    """
+    """The records of ``<run_dir>/log.jsonl`` that carry ``metrics`` (written at snapshots), in order:
+    ``[{kimg, images_seen, iteration, <metrics>}]``."""
     return [{'kimg': r['kimg'], 'images_seen': r['images_seen'], 'iteration': r['iteration'], **r['metrics']}
             for r in read_jsonl(Path(run_dir) / log_name) if r.get('metrics')]

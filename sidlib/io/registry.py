@@ -1,9 +1,5 @@
-"""Where checkpoints come from: the registered names of public EDM and SiD networks, and source resolution.
-
-URLs: EDM's pretrained models (``nvlabs-fi-cdn.nvidia.com/edm/pretrained``, NVlabs/edm README) and the released SiD
-generators (Hugging Face ``UT-Austin-PML/SiD``, SiD README); :func:`resolve_source` turns a name, URL or path into a
-local file, downloading names and URLs once into the cache of :mod:`sidlib.io.download`.
-"""
+"""Registered names of public EDM (NVlabs/edm README) and SiD (Hugging Face ``UT-Austin-PML/SiD``) networks, and
+:func:`resolve_source`: a name, URL or path -> a local file (names and URLs downloaded once into the cache)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""Atomic save / safe load of the distillation's full training state (EDM's ``training-state-*.pt`` role).
-
-The state is a plain nested dict of tensors, numbers, strings, lists and dicts, written with ``torch.save`` through
-a temporary file renamed over the target (a process killed at any moment leaves the old state or the new one) and
-read back with ``torch.load(weights_only=True)``, after checking that the archive's entries are stored uncompressed
-and fit in the file. A corrupt or foreign file raises :class:`TrainingStateError` naming it and saying what to do.
-"""
+"""Atomic save / safe load of the distillation's training state (EDM's ``training-state-*.pt`` role): a plain nested
+dict written atomically with ``torch.save``, read with ``torch.load(weights_only=True)`` once the archive's entries
+are checked to be uncompressed and to fit in the file; a bad file raises :class:`TrainingStateError` naming it."""
 
 from __future__ import annotations
 

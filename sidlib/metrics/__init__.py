@@ -7,9 +7,8 @@ from .fidelity import (INCEPTION, INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_URL,
                        inception_weights_path, is_registered, module_extractor, precision_recall,
                        register_feature_extractor)
 
-__all__ = [
-    'INCEPTION', 'INCEPTION_WEIGHTS_FILE', 'INCEPTION_WEIGHTS_URL', 'METRIC_KEYS', 'FeatureExtractor',
-    'InceptionWeightsMissing', 'UInt8ImageDataset', 'as_uint8_images', 'compute_metrics', 'ensure_inception_weights',
-    'feature_statistics', 'fid_from_statistics', 'inception_score', 'inception_weights_path', 'is_registered',
-    'module_extractor', 'precision_recall', 'register_feature_extractor',
-]
+__all__ = ['INCEPTION', 'INCEPTION_WEIGHTS_FILE', 'INCEPTION_WEIGHTS_URL', 'METRIC_KEYS', 'FeatureExtractor',
+           'InceptionWeightsMissing', 'UInt8ImageDataset', 'as_uint8_images', 'compute_metrics',
+           'ensure_inception_weights', 'feature_statistics', 'fid_from_statistics', 'inception_score',
+           'inception_weights_path', 'is_registered', 'module_extractor', 'precision_recall',
+           'register_feature_extractor']

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 from .. import distributed as dist_utils
+from ..cli import run_main, split_debug
+from ..generate import add_network_args, sampler_kwargs
 from ..io.atomic import atomic_copy
 from ..io.checkpoints import read_network_meta
 from ..io.jsonio import write_json
@@ -36,8 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("calc", help="FID/IS/PR of a network under the paper's protocol")
-    c.add_argument("--network", required=True, help="registered name, file, run directory or URL")
-    c.add_argument("--snapshot", default="latest", help="of a run directory: latest | best (logged FID) | KIMG")
+    add_network_args(c)
     c.add_argument("--ref", help="FID reference: .npz path, URL, or reference name (see 'list')")
     c.add_argument("--pr-ref", default=None, help="precision/recall reference batch (.npz arr_0) or name")
     # "--num" alone is ambiguous to torchrun's own parser (--numa-binding); use --num-images under torchrun.
@@ -45,29 +46,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="images per trial (default 50000; anything else is labelled a proxy)")
     c.add_argument("--trials", type=int, default=PAPER_TRIALS)
     c.add_argument("--seed-start", type=int, default=0)
-    c.add_argument("--label-probs", default=None, help="class frequencies: list, file or labelled dataset")
-    c.add_argument("--batch", type=int, default=64, help="images per batch per process")
-    c.add_argument("--sampler", choices=("onestep", "heun"), default="onestep")
-    c.add_argument("--init-sigma", type=float, default=None, help="one-step sigma (default: checkpoint meta or 2.5)")
-    c.add_argument("--steps", type=int, default=18, help="Heun steps (NFE = 2 steps - 1)")
-    for k in ("S-churn", "S-min", "S-max", "S-noise"):
-        c.add_argument(f"--{k}", type=float, default=None, help="EDM's stochastic sampler setting")
     c.add_argument("--isc", action="store_true", help="also the Inception Score")
     c.add_argument("--proxy", action="store_true", help="label the result a proxy even at 50k images")
     c.add_argument("--out", default=None, help="metrics JSON (written atomically by rank 0)")
+    c.add_argument("--progress", action="store_true")
+    c.add_argument("--feature-dim", type=int, default=None)
     r = sub.add_parser("ref", help="reference statistics of a dataset folder or zip (EDM's fid.py ref)")
     r.add_argument("--data", required=True, help="images in a folder or zip (EDM's dataset_tool.py layout)")
     r.add_argument("--dest", required=True, help="output .npz (mu, sigma)")
     r.add_argument("--max-images", type=int, default=None)
+    r.add_argument("--batch", type=int, default=64)
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda")
     for q in (c, r):
         q.add_argument("--feature-extractor", default=INCEPTION)
         q.add_argument("--weights", default=None, help="path of torch-fidelity's Inception weights file")
         q.add_argument("--import", dest="imports", action="append", default=[],
                        help="installed module to import first (e.g. one that registers a feature extractor)")
-        q.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    c.add_argument("--progress", action="store_true")
-    r.add_argument("--batch", type=int, default=64)
-    c.add_argument("--feature-dim", type=int, default=None)
     f = sub.add_parser("fetch", help="download a known reference (or a URL) and copy it to --out")
     f.add_argument("name")
     f.add_argument("--out", required=True)
@@ -87,7 +81,6 @@ def _run(args) -> dict | None:
         metric_names(args.num, True if args.proxy else None)
         read_network_meta(select_snapshot(args.network, args.snapshot)[0])  # a bad source fails before any compute
         probs = label_frequencies(args.label_probs) if args.label_probs else None
-        skw = {k: getattr(args, k) for k in ("S_churn", "S_min", "S_max", "S_noise") if getattr(args, k) is not None}
     if device.type == "cuda":
         torch.cuda.set_device(device)
     created = dist_utils.init(device)
@@ -100,7 +93,7 @@ def _run(args) -> dict | None:
             return None
         return evaluate_network(
             args.network, snapshot=args.snapshot, sampler=args.sampler, init_sigma=args.init_sigma, steps=args.steps,
-            sampler_kwargs=skw, num_images=args.num, trials=args.trials, seed_start=args.seed_start,
+            sampler_kwargs=sampler_kwargs(args), num_images=args.num, trials=args.trials, seed_start=args.seed_start,
             reference_stats=args.ref, pr_reference=args.pr_ref, isc=args.isc, label_probs=probs,
             feature_extractor=args.feature_extractor, proxy=True if args.proxy else None, batch_size=args.batch,
             progress=args.progress, feature_dim=args.feature_dim, device=device, extractor_kwargs=ekw)
@@ -110,26 +103,23 @@ def _run(args) -> dict | None:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args([a for a in argv if a != "--debug"])
-    try:
-        if args.cmd == "list":
-            print("\n".join(f"{k}\t{v}" for k, v in sorted({**FID_REFERENCES, **PR_REFERENCES}.items())))
-        elif args.cmd == "fetch":
-            src = fetch_reference(args.name, sha256=args.sha256)
-            if args.name in FID_REFERENCES:
-                load_reference_stats(src)
-            print(f"{args.name} -> {atomic_copy(src, Path(args.out))}")
-        elif (result := _run(args)) is not None and dist_utils.env_rank() == 0:
-            if args.out:
-                write_json(args.out, result)
-            print(json.dumps(result["summary"], indent=2))
-    except Exception as e:  # noqa: BLE001 -- the command line's one error line
-        if "--debug" in argv:
-            raise
-        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
-        return 2
-    return 0
+    argv, debug = split_debug(argv)
+    args = _parser().parse_args(argv)
+    return run_main(lambda: _command(args), debug)
+
+
+def _command(args) -> None:
+    if args.cmd == "list":
+        print("\n".join(f"{k}\t{v}" for k, v in sorted({**FID_REFERENCES, **PR_REFERENCES}.items())))
+    elif args.cmd == "fetch":
+        src = fetch_reference(args.name, sha256=args.sha256)
+        if args.name in FID_REFERENCES:
+            load_reference_stats(src)
+        print(f"{args.name} -> {atomic_copy(src, Path(args.out))}")
+    elif (result := _run(args)) is not None and dist_utils.env_rank() == 0:
+        if args.out:
+            write_json(args.out, result)
+        print(json.dumps(result["summary"], indent=2))
 
 
 if __name__ == "__main__":

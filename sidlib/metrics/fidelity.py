@@ -1,10 +1,7 @@
-"""Image-quality metrics through `torch-fidelity <https://github.com/toshas/torch-fidelity>`_ (0.4.0): FID, KID,
-precision/recall and Inception Score, plus what torch-fidelity lacks: idempotent registration of extractors (also plain
-modules), a reusable batch-wise :class:`FeatureExtractor`, FID against precomputed ``{'mu', 'sigma'}``
-statistics (EDM's ``.npz``), and a clear error when the Inception weights are missing. Output keys:
-:data:`METRIC_KEYS` (``fid``, ``kid_mean``, ``kid_std``, ``precision``, ``recall``, ``f_score``, ``isc_mean``,
-``isc_std``).
-"""
+"""FID, KID, precision/recall and Inception Score through torch-fidelity (0.4.0), with short keys
+(:data:`METRIC_KEYS`), plus what it lacks: idempotent registration of extractors (also plain modules), a reusable
+:class:`FeatureExtractor`, FID against ``{'mu', 'sigma'}`` statistics (EDM's ``.npz``), and a clear error when the
+Inception weights are missing."""
 
 from __future__ import annotations
 
@@ -27,12 +24,10 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
 from torch_fidelity.metric_prc import KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor, resolve_feature_layer_for_metric
 
-__all__ = [
-    "INCEPTION", "INCEPTION_WEIGHTS_URL", "INCEPTION_WEIGHTS_FILE", "METRIC_KEYS", "InceptionWeightsMissing",
-    "inception_weights_path", "ensure_inception_weights", "register_feature_extractor", "is_registered",
-    "module_extractor", "UInt8ImageDataset", "as_uint8_images", "compute_metrics", "FeatureExtractor",
-    "feature_statistics", "fid_from_statistics", "inception_score", "precision_recall",
-]
+__all__ = ["INCEPTION", "INCEPTION_WEIGHTS_URL", "INCEPTION_WEIGHTS_FILE", "METRIC_KEYS", "InceptionWeightsMissing",
+           "inception_weights_path", "ensure_inception_weights", "register_feature_extractor", "is_registered",
+           "module_extractor", "UInt8ImageDataset", "as_uint8_images", "compute_metrics", "FeatureExtractor",
+           "feature_statistics", "fid_from_statistics", "inception_score", "precision_recall"]
 
 #: torch-fidelity's port of the TF Inception-v3 ("inception-2015-12-05") used by EDM/SiD's FID.
 INCEPTION = "inception-v3-compat"
@@ -53,8 +48,7 @@ class InceptionWeightsMissing(FileNotFoundError):
 
 
 def inception_weights_path() -> Path:
-    """Where torch-fidelity (``torch.hub.load_state_dict_from_url``) looks for the Inception weights:
-    ``torch.hub.get_dir()/checkpoints/<file>``, i.e. ``$TORCH_HOME/hub/checkpoints``."""
+    """Where torch-fidelity looks for the Inception weights (``$TORCH_HOME/hub/checkpoints/<file>``)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
 
 
@@ -66,8 +60,7 @@ def _missing_weights_message(path: Path, reason: str) -> str:
 
 
 def ensure_inception_weights(download: bool = True, progress: bool = False) -> Path:
-    """Path of the cached Inception weights, downloaded once if needed; :class:`InceptionWeightsMissing` (naming the
-    file, its directory and the URL) when absent and not downloadable."""
+    """Path of the Inception weights, downloaded once if needed; else :class:`InceptionWeightsMissing`."""
     path = inception_weights_path()
     if path.is_file():
         return path
@@ -185,13 +178,9 @@ def _short(metrics: Mapping) -> dict:
 def compute_metrics(generated, reference=None, *, feature_extractor: str = INCEPTION, fid: bool = True,
                     kid: bool = False, prc: bool = False, isc: bool = False, cuda: bool = False, batch_size: int = 64,
                     kid_subset_size: int | None = None, verbose: bool = False, **kw) -> dict:
-    """Metrics of ``generated`` against ``reference`` through ``torch_fidelity.calculate_metrics``; short keys.
-
-    Inputs: uint8 ``[N, C, H, W]`` tensors/arrays or any torch-fidelity input; ``reference`` may also be
-    ``{'mu', 'sigma'}`` statistics (FID only) and is not needed for ``isc`` alone. KID's subset size defaults to
-    ``min(1000, N_gen, N_ref)``; ``**kw`` goes to ``calculate_metrics``. Grayscale is tiled to RGB for Inception;
-    torch-fidelity's on-disk cache is off unless ``cache=True``.
-    """
+    """Metrics (short keys) of uint8 ``[N, C, H, W]`` tensors/arrays or any torch-fidelity input through
+    ``torch_fidelity.calculate_metrics`` (``**kw``; its cache is off unless ``cache=True``). ``reference``: may be
+    ``{'mu', 'sigma'}`` (FID only); not needed for ``isc`` alone. KID subsets: ``min(1000, N_gen, N_ref)``."""
     if not (fid or kid or prc or isc):
         raise ValueError("compute_metrics: select at least one of fid, kid, prc, isc")
     _check_weights_available(feature_extractor, {**kw, "verbose": verbose})

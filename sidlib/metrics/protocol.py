@@ -1,18 +1,12 @@
 """The paper's FID protocol (EDM's ``fid.py``, SiD's ``sid_metrics.py``), computed through torch-fidelity.
 
-* ``trials`` (default 10, as ``sid_metrics.py``) of N = 50,000 images, trial ``t`` on seeds ``seed_start + t*N``
-  ... ``+ N - 1``; any other N is a proxy and every key says so (``fid10k_proxy``). Summary: mean +- std (ddof 1),
-  best, and EDM's min-of-3 (first three trials).
-* Seed ``s`` gives its latent, label and sampler noise from EDM's per-seed generator on the generating device
-  (:func:`sidlib.rng.inputs_for_seeds`): on the same device type the images equal those of EDM's ``generate.py`` and
-  SiD's ``generate_onestep.py`` for the same seeds, for any batch size or process count (``sid_metrics.py`` itself
-  draws unseeded noise and dataset labels). Labels are uniform unless class frequencies (``label_probs``) are given.
-* ``uint8(clip(x * 127.5 + 128, 0, 255))`` images; torch-fidelity's ``inception-v3-compat`` 2048-d pool features;
-  mean and unbiased covariance against EDM's reference ``.npz``; IS (10 splits) for CIFAR-10 unconditional;
-  precision/recall (k = 3) against OpenAI's ImageNet-64 batch. Under ``torchrun`` rank ``r`` generates seeds
-  ``r, r+W, ...`` and features are gathered back into seed order.
-* Run directories are evaluated at one snapshot (:func:`select_snapshot`, recorded as ``snapshot``); teachers with
-  ``sampler='heun'`` and EDM's settings (18 steps for CIFAR-10, 40 for FFHQ/AFHQv2, 256 stochastic for ImageNet).
+``trials`` (default 10) of N = 50,000 images, trial ``t`` on seeds ``seed_start + t*N`` ... ``+ N - 1``; any other N
+is a proxy and every key says so (``fid10k_proxy``). Summary: mean +- std (ddof 1), best, EDM's min-of-3. Seed ``s``
+draws its latent, label (uniform unless ``label_probs``) and sampler noise as EDM's ``generate.py``
+(:func:`sidlib.rng.inputs_for_seeds`), for any batch size or process count; under ``torchrun`` rank ``r`` takes seeds
+``r, r+W, ...`` and features are gathered back into seed order. Images are quantised as :data:`QUANTISATION`;
+torch-fidelity's ``inception-v3-compat`` 2048-d features give mean and unbiased covariance against EDM's ``.npz``, IS
+(10 splits), and precision/recall (k = 3) against OpenAI's ImageNet-64 batch.
 
 ``generator_fn(z, labels) -> images in [-1, 1]`` (z float32 ``[n, C, H, W]``, labels one-hot or None); one with a
 ``generators`` parameter also receives the seeds' generators for its own noise.
@@ -30,8 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed as dist_utils
-from ..generate import select_snapshot
-from ..io.checkpoints import load_checkpoint
+from ..generate import load_for_sampling, select_snapshot
 from ..io.jsonio import to_jsonable
 from ..rng import inputs_for_seeds
 from ..sampling import heun_generator, onestep_generator, to_uint8
@@ -53,9 +46,8 @@ class ProtocolError(ValueError):
 
 
 def metric_names(num_images: int, proxy: bool | None = None) -> dict:
-    """Keys for ``num_images`` images: SiD's ``fid50k``, ``is50k``, ``pr50k3`` at 50,000; otherwise a proxy whose
-    every name ends in ``_proxy`` (``fid10k_proxy``; ``pr24_k3_proxy``). ``proxy=True`` marks a 50k run a proxy;
-    ``proxy=False`` with another count is refused."""
+    """Keys for ``num_images`` images: SiD's ``fid50k``, ``is50k``, ``pr50k3`` at 50,000, else ``_proxy`` ones
+    (``fid10k_proxy``; ``pr24_k3_proxy``); ``proxy=True`` marks a 50k run a proxy, ``proxy=False`` refuses others."""
     if num_images < 2:
         raise ProtocolError(f"num_images must be >= 2, got {num_images}")
     if proxy is False and num_images != PAPER_NUM_IMAGES:
@@ -70,8 +62,7 @@ def metric_names(num_images: int, proxy: bool | None = None) -> dict:
 
 def trial_seeds(trial: int, num_images: int, seed_start: int = 0) -> range:
     """Seeds of trial ``trial``: ``seed_start + trial*num_images`` ... ``+ num_images - 1``."""
-    first = seed_start + trial * num_images
-    return range(first, first + num_images)
+    return range(seed_start + trial * num_images, seed_start + (trial + 1) * num_images)
 
 
 def rank_seeds(seeds: Sequence[int], rank: int, world_size: int) -> Sequence[int]:
@@ -167,11 +158,9 @@ def evaluate_generator(generator_fn: Callable, *, img_shape: Sequence[int], labe
                        label_probs: Sequence[float] | None = None, batch_size: int = 64, device=None,
                        distributed: bool | None = None, progress: bool = False, feature_dim: int | None = None,
                        extractor_kwargs: Mapping | None = None, info: Mapping | None = None) -> dict:
-    """The protocol's result dict (the same on every rank); everything is checked before any image is generated.
-
+    """The protocol's result dict (the same on every rank), arguments checked before any image is generated.
     reference_stats: ``.npz`` path, URL or name, ``(mu, sigma)`` or a dict; pr_reference: ``.npz`` (``arr_0`` NHWC
-    uint8) or a uint8 NCHW tensor; seeds: one explicit trial; feature_dim: reference width (2048 for Inception).
-    """
+    uint8) or a uint8 NCHW tensor; seeds: one explicit trial; feature_dim: reference width (2048 for Inception)."""
     if seeds is not None:
         seeds = [int(s) for s in seeds]
         num_images, trials = len(seeds), 1
@@ -252,20 +241,12 @@ def _net_shape(net) -> tuple[list[int], int]:
 def evaluate_network(source, *, sampler: str = "onestep", init_sigma: float | None = None, steps: int = 18,
                      sampler_kwargs: Mapping | None = None, snapshot="latest", device=None,
                      info: Mapping | None = None, **kwargs) -> dict:
-    """Load a network (any :func:`sidlib.io.checkpoints.load_checkpoint` source; a run directory at ``snapshot``,
-    see :func:`select_snapshot`) and run :func:`evaluate_generator` on it.
-
-    sampler: ``'onestep'`` (SiD generator; init_sigma from the checkpoint's meta, else 2.5) or ``'heun'`` (EDM
-    teacher, ``steps`` Heun steps, ``sampler_kwargs`` S_churn/S_min/S_max/S_noise).
-    """
+    """:func:`evaluate_generator` of a network (:func:`sidlib.generate.load_for_sampling`) sampled ``'onestep'``
+    (init_sigma: else the checkpoint's, else 2.5) or ``'heun'`` (``steps``, ``sampler_kwargs`` S_churn/S_min/...)."""
     if sampler not in ("onestep", "heun"):
         raise ProtocolError(f"sampler must be 'onestep' or 'heun', got {sampler!r}")
-    path, selection = select_snapshot(source, snapshot)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    net, meta = load_checkpoint(path)
-    net = net.to(device).eval().requires_grad_(False)
+    net, meta, selection, device = load_for_sampling(source, snapshot, device)
     img_shape, label_dim = _net_shape(net)
-    meta = dict(meta or {})
     if sampler == "onestep":
         fn = onestep_generator(net, float(init_sigma if init_sigma is not None else meta.get("init_sigma", 2.5)))
     else:

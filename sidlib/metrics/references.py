@@ -1,13 +1,9 @@
-"""Reference files of the paper's FID protocol, and reference statistics of a dataset (EDM's ``fid.py ref``).
+"""Reference files of the paper's FID protocol (fetched into the download cache) and dataset statistics.
 
-* EDM's FID references (``.npz``: ``mu`` ``[2048]``, ``sigma`` ``[2048, 2048]``, Inception pool features of the
-  training set) from ``nvlabs-fi-cdn.nvidia.com/edm/fid-refs``; SiD compares against exactly these (``--data_stat``).
-* OpenAI's ``VIRTUAL_imagenet64_labeled.npz`` (``arr_0``: uint8 ``[N, 64, 64, 3]``), used by SiD for ImageNet-64
-  precision/recall only (FID on ImageNet uses EDM's ``imagenet-64x64.npz``).
-* :func:`dataset_statistics`: ``mu``/``sigma`` of a dataset laid out as EDM's ``dataset_tool.py`` writes it (images
-  in a folder or zip, labels in ``dataset.json``); :func:`label_frequencies`: its class frequencies.
-
-Files are fetched into the download cache (:func:`sidlib.io.download.download`; ``file://`` URLs work offline).
+EDM's FID references (``mu`` ``[2048]``, ``sigma`` ``[2048, 2048]`` of the training set's Inception features; SiD's
+``--data_stat``); OpenAI's ``VIRTUAL_imagenet64_labeled.npz`` (``arr_0`` uint8 ``[N, 64, 64, 3]``), SiD's ImageNet-64
+precision/recall reference; :func:`dataset_statistics` of a dataset in EDM's ``dataset_tool.py`` layout (EDM's
+``fid.py ref``) and its :func:`label_frequencies`.
 """
 
 from __future__ import annotations
@@ -63,10 +59,8 @@ def fetch_reference(source: str | os.PathLike, *, cache_dir=None, sha256: str | 
     text = os.fspath(source)
     if Path(text).expanduser().is_file():
         return Path(text).expanduser()
-    if is_url(text):
-        return download(text, sha256=sha256, cache_dir=cache_dir, progress=progress)
     try:
-        url = reference_url(text)
+        url = text if is_url(text) else reference_url(text)
     except ReferenceFileError as e:
         raise ReferenceFileError(f"reference {text!r} is not an existing file, a URL, or a known name. {e}") from None
     return download(url, sha256=sha256, cache_dir=cache_dir, progress=progress)
@@ -129,9 +123,8 @@ def load_reference_images(path: str | os.PathLike, key: str = "arr_0", limit: in
 
 
 class DatasetImages(torch.utils.data.Dataset):
-    """A dataset as EDM's ``dataset_tool.py`` writes it: images (any PIL format) in a folder, searched recursively,
-    or a zip, in the order of their sorted relative names (EDM's ``ImageFolderDataset``); uint8 ``[C, H, W]`` items.
-    ``labels()``: the integer labels of ``dataset.json`` (``{"labels": [[name, label], ...]}``) or None."""
+    """EDM's ``ImageFolderDataset``: images in a folder (recursively) or zip, sorted by relative name, as uint8
+    ``[C, H, W]``; ``labels()``: the labels of ``dataset.json`` (``{"labels": [[name, label], ...]}``) or None."""
 
     def __init__(self, path):
         import PIL.Image
@@ -180,9 +173,8 @@ class DatasetImages(torch.utils.data.Dataset):
 @torch.no_grad()
 def dataset_statistics(data, *, feature_extractor: str | None = None, batch_size: int = 64, device=None,
                        max_images: int | None = None, extractor_kwargs=None) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(mu, sigma, n)`` of the features of a dataset folder or zip, accumulated in float64 as EDM's ``fid.py ref``
-    (sum of features and of outer products, all-reduced over ``torchrun`` ranks; rank r takes images r, r+W, ...).
-    feature_extractor: default torch-fidelity's Inception-v3 (grayscale tiled to RGB)."""
+    """``(mu, sigma, n)`` of the features (default: Inception-v3) of a dataset folder or zip, accumulated in float64
+    as EDM's ``fid.py ref`` (sums all-reduced over ``torchrun`` ranks; rank r takes images r, r+W, ...)."""
     from .. import distributed as dist_utils
     from .fidelity import INCEPTION, FeatureExtractor
 
@@ -206,9 +198,8 @@ def dataset_statistics(data, *, feature_extractor: str | None = None, batch_size
 
 
 def label_frequencies(source, num_classes: int | None = None) -> list[float]:
-    """Class frequencies (normalised) from a list of numbers, a string ``"0.1,0.2,..."``, a YAML/JSON file holding
-    a list, or a dataset (folder, zip or ``dataset.json``) whose labels are counted; ``num_classes`` checks the
-    length (and pads counted labels with zeros)."""
+    """Normalised class frequencies from a list, a string ``"0.1,0.2,..."``, a YAML/JSON file (a list, or a
+    ``dataset.json`` whose labels are counted) or a dataset folder/zip; ``num_classes``: checked length (pads counts)."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir() or (path.is_file() and zipfile.is_zipfile(path)):

@@ -1,17 +1,7 @@
-"""EDM-compatible networks: preconditioning wrappers, U-Nets and a small MLP.
-
-Public API:
-
-* ``EDMPrecond``, ``VPPrecond``, ``VEPrecond``: ``D(x; sigma, labels)`` wrappers with EDM's
-  constructor kwargs; ``PRECOND_TYPES`` maps their names to the classes.
-* ``SongUNet`` (DDPM++/NCSN++), ``DhariwalUNet`` (ADM), ``MLPNet`` (low-dimensional data);
-  ``MODEL_TYPES`` maps ``model_type`` names to them.
-* ``build_network(class_name, init_kwargs)``: instantiate from stored constructor kwargs.
-* ``set_precision(net, 'fp32' | 'bf16' | 'fp16')``: how the networks compute (see :mod:`.precond`).
-* ``ARCHITECTURES``, ``PAPER_NETWORKS``, ``edm_kwargs``: EDM's architectures and the paper's five networks.
-* ``set_attention_backend(net, 'math' | 'sdpa')``: switch the attention implementation in place
-  (``set_default_attention_backend`` for networks built afterwards).
-
+"""EDM-compatible networks (EDM's ``training/networks.py``): the preconditioning wrappers ``EDMPrecond``,
+``VPPrecond``, ``VEPrecond`` (:data:`PRECOND_TYPES`), the inner networks ``SongUNet`` (DDPM++/NCSN++),
+``DhariwalUNet`` (ADM) and ``MLPNet`` (:data:`MODEL_TYPES`), :func:`build_network`, :func:`set_precision`,
+:func:`set_attention_backend`, and EDM's architectures and the paper's networks (:mod:`.architectures`).
 state_dict keys and shapes equal EDM's, so EDM weights load strictly.
 """
 

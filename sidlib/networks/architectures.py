@@ -1,10 +1,7 @@
-"""The one table of EDM's architectures: SiD's ``--arch`` choices and the five paper networks.
-
-:data:`ARCHITECTURES` holds the inner-network kwargs each of EDM's/SiD's ``--arch`` names implies (EDM's
-``train.py``): ``ddpmpp`` (DDPM++, the VP teachers), ``ncsnpp`` (NCSN++, the VE models) and ``adm`` (ADM, ImageNet).
-:data:`PAPER_NETWORKS` gives the full ``EDMPrecond`` kwargs of the teachers SiD distils, as stored in EDM's
-pickles, with their parameter counts; :func:`edm_kwargs` builds such kwargs for any resolution and channel
-multipliers (scaled-down teachers, tests).
+"""EDM's architectures: :data:`ARCHITECTURES` (the inner-network kwargs of EDM's/SiD's ``--arch`` names in EDM's
+``train.py``: ``ddpmpp`` DDPM++ (VP), ``ncsnpp`` NCSN++ (VE), ``adm`` ADM (ImageNet)), :data:`PAPER_NETWORKS` (the full
+``EDMPrecond`` kwargs of SiD's teachers as stored in EDM's pickles, with parameter counts) and :func:`edm_kwargs`
+(such kwargs for any resolution and channel multipliers).
 """
 
 from __future__ import annotations
@@ -25,10 +22,8 @@ ARCHITECTURES: dict[str, dict] = {
 
 def edm_kwargs(arch: str, *, img_resolution: int, channel_mult, img_channels: int = 3, label_dim: int = 0,
                **overrides) -> dict:
-    """``EDMPrecond`` kwargs for ``arch`` at a resolution and channel multipliers (EDM's ``--cres``).
-
-    ``overrides`` (e.g. ``augment_dim``, ``dropout``, ``use_fp16``, ``model_channels``) are added last.
-    """
+    """``EDMPrecond`` kwargs for ``arch`` at a resolution and channel multipliers (EDM's ``--cres``); ``overrides``
+    (e.g. ``augment_dim``, ``dropout``, ``use_fp16``, ``model_channels``) are added last."""
     if arch not in ARCHITECTURES:
         raise ValueError(f'unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}')
     kw = dict(img_resolution=int(img_resolution), img_channels=int(img_channels), label_dim=int(label_dim),

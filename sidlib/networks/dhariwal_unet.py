@@ -1,8 +1,6 @@
-"""DhariwalUNet: the ADM U-Net (Dhariwal & Nichol 2021) as in EDM's ``training/networks.py`` (ImageNet-64).
-
-Differences from SongUNet: scale/shift conditioning, skip_scale 1, GroupNorm eps 1e-5, weightless skip paths in
-resampling blocks of unchanged width, 64 channels per head, no sin/cos swap, class labels added after
-``map_layer1`` by a bias-free layer without sqrt(label_dim) scaling.
+"""DhariwalUNet: the ADM U-Net (Dhariwal & Nichol 2021) of EDM's ``training/networks.py`` (ImageNet-64). Unlike
+SongUNet: scale/shift conditioning, skip_scale 1, GroupNorm eps 1e-5, weightless skips in resampling blocks of
+unchanged width, 64 channels per head, no sin/cos swap, labels added after ``map_layer1`` without sqrt scaling.
 """
 
 import numpy as np

@@ -1,15 +1,10 @@
 """Layers of EDM's networks (EDM's ``training/networks.py``) with EDM's parameter names and shapes, so an EDM
-state_dict loads strictly and computes the same function.
-
-Weights are cast to the activation dtype at call time (as EDM does), so fp32 weights serve fp16 activations (EDM's
-``use_fp16``, :func:`sidlib.networks.set_precision`) and autocast alike. Attention logits and softmax are computed
-in fp32 whatever the activation dtype, as in EDM's ``AttentionOp``.
+state_dict loads strictly and computes the same function. Weights are cast to the activation dtype at call time
+(as EDM does), so fp32 weights serve fp16 activations and autocast alike; attention logits and softmax are fp32.
 
 Attention backends (``UNetBlock.attn_backend``; :func:`set_attention_backend` switches a whole network):
-
-* ``'sdpa'`` (default): :func:`torch.nn.functional.scaled_dot_product_attention`; equal to ``'math'`` up to fp32
-  rounding (tested to 1e-5), faster and lighter on memory (no ``[L, L]`` matrix on GPUs).
-* ``'math'``: EDM's sequence of operations (explicit einsums, fp32 softmax); bit-exact with EDM in fp32.
+``'sdpa'`` (default, :func:`torch.nn.functional.scaled_dot_product_attention`, equal to ``'math'`` up to fp32
+rounding, tested to 1e-5) and ``'math'`` (EDM's explicit einsums and fp32 softmax, bit-exact with EDM in fp32).
 """
 
 import math
@@ -19,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['ATTENTION_BACKENDS', 'drop_labels', 'weight_init', 'Linear', 'Conv2d', 'GroupNorm', 'attention',
-           'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding', 'set_attention_backend',
-           'get_default_attention_backend', 'set_default_attention_backend']
+           'UNetBlock', 'PositionalEmbedding', 'FourierEmbedding', 'noise_embedding', 'song_embed',
+           'set_attention_backend', 'get_default_attention_backend', 'set_default_attention_backend']
 
 ATTENTION_BACKENDS = ('math', 'sdpa')
 _default_attention_backend = 'sdpa'  # picked up by UNetBlocks built afterwards
@@ -47,6 +42,11 @@ def weight_init(shape, mode, fan_in, fan_out):
     raise ValueError(f'unknown init_mode {mode!r}')
 
 
+def _check_backend(backend):
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f'unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}')
+
+
 def _cast(t, like):
     return None if t is None else t.to(like.dtype)
 
@@ -71,13 +71,10 @@ def _resample_filter(taps):
 
 
 class Conv2d(torch.nn.Module):
-    """2-D convolution ("same" padding) with optional 2x up/down-sampling by the FIR filter
-    ``outer(v, v) / sum(v)^2`` (``resample_filter`` taps v; the buffer exists only when ``up or down``).
-
-    ``kernel=0``: no weights, resampling only. Unfused, the resampling comes first: a depthwise transposed
-    convolution with ``4 f`` (up) or a depthwise convolution with ``f`` (down), stride 2, padding ``(L - 1) // 2``.
-    ``fused_resample`` (NCSN++) resamples and convolves in one pass with EDM's padding arithmetic.
-    """
+    """2-D convolution ("same" padding) with optional 2x up/down-sampling by the FIR filter ``outer(v, v) / sum(v)^2``
+    of the ``resample_filter`` taps v (a buffer only when ``up or down``); ``kernel=0``: resampling only. Unfused,
+    resampling comes first (depthwise, stride 2, ``4 f`` transposed up or ``f`` down); ``fused_resample`` (NCSN++)
+    does both in one pass with EDM's padding arithmetic."""
 
     def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False, resample_filter=[1, 1],
                  fused_resample=False, init_mode='kaiming_normal', init_weight=1, init_bias=0):
@@ -139,26 +136,22 @@ class GroupNorm(torch.nn.Module):
 def attention(q, k, v, backend='sdpa'):
     """Single-head attention over positions: ``q, k, v [B, C_head, L] -> [B, C_head, L]``,
     ``a[:, :, i] = sum_j softmax_j(q_i . k_j / sqrt(C_head)) v[:, :, j]``."""
+    _check_backend(backend)
     if backend == 'math':
         # EDM's AttentionOp: logits and softmax in fp32 (float64 stays float64), k scaled in its own dtype first.
         dtype = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(device_type=q.device.type, enabled=False):
             w = torch.einsum('bcq,bck->bqk', q.to(dtype), (k / math.sqrt(k.shape[1])).to(dtype)).softmax(dim=2)
         return torch.einsum('bqk,bck->bcq', w.to(v.dtype), v)
-    if backend == 'sdpa':
-        # Its kernels accumulate the logits and the softmax in fp32.
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    raise ValueError(f'unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}')
+    # 'sdpa': its kernels accumulate the logits and the softmax in fp32.
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 class UNetBlock(torch.nn.Module):
-    """EDM's residual U-Net block (``x [N, in, H, W], emb [N, emb_channels] -> [N, out, H', W']``) with optional
-    2x resampling (in ``conv0`` and the skip path) and multi-head self-attention.
-
-    ``adaptive_scale``: ``emb`` gives a per-channel scale and shift (ADM) instead of a bias (DDPM++/NCSN++).
-    The ``qkv`` convolution's output channels are EDM's interleaved layout: channel ``(h * C_head + c) * 3 + j``
-    is slot j (query, key, value) of channel c of head h.
-    """
+    """EDM's residual U-Net block ``x [N, in, H, W], emb [N, emb_channels] -> [N, out, H', W']`` with optional 2x
+    resampling (``conv0`` and the skip path) and self-attention. ``adaptive_scale``: ``emb`` gives a per-channel scale
+    and shift (ADM) instead of a bias. ``qkv`` output channel ``(h * C_head + c) * 3 + j`` is slot j (q, k, v) of
+    channel c of head h (EDM's interleaved layout)."""
 
     def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
                  num_heads=None, channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5, resample_filter=[1, 1],
@@ -214,15 +207,13 @@ def get_default_attention_backend():
 def set_default_attention_backend(backend):
     """Backend of UNetBlocks constructed afterwards (existing blocks keep theirs)."""
     global _default_attention_backend
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f'unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}')
+    _check_backend(backend)
     _default_attention_backend = backend
 
 
 def set_attention_backend(net, backend):
     """Switch every attention layer inside ``net`` to ``backend`` ('math' or 'sdpa'); no weights change."""
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f'unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}')
+    _check_backend(backend)
     for module in net.modules():
         if isinstance(module, UNetBlock):
             module.attn_backend = backend
@@ -254,3 +245,24 @@ class FourierEmbedding(torch.nn.Module):
     def forward(self, x):
         x = torch.outer(x, (2 * np.pi * self.freqs).to(x.dtype))
         return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+def noise_embedding(embedding_type, num_channels):
+    """SongUNet's and MLPNet's noise embedding: 'positional' (with endpoint) or 'fourier'."""
+    if embedding_type == 'positional':
+        return PositionalEmbedding(num_channels, endpoint=True)
+    if embedding_type == 'fourier':
+        return FourierEmbedding(num_channels)
+    raise ValueError(f'embedding_type must be fourier or positional, not {embedding_type!r}')
+
+
+def song_embed(net, emb, class_labels, augment_labels):
+    """SongUNet's mapping network after ``map_noise``: labels (scaled by sqrt(label_dim)), augment labels, two
+    SiLU layers."""
+    if net.map_label is not None:
+        labels = drop_labels(class_labels, net.label_dropout, net.training)
+        emb = emb + net.map_label(labels * np.sqrt(net.map_label.in_features))
+    if net.map_augment is not None and augment_labels is not None:
+        emb = emb + net.map_augment(augment_labels)
+    emb = F.silu(net.map_layer0(emb))
+    return F.silu(net.map_layer1(emb))

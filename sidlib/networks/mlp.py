@@ -3,11 +3,10 @@ preconditioning wrappers, losses and samplers serve it unchanged, e.g.
 ``EDMPrecond(img_resolution=1, img_channels=2, model_type='MLPNet', model_channels=128, num_layers=4)``.
 """
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layers import FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, drop_labels
+from .layers import GroupNorm, Linear, noise_embedding, song_embed
 
 __all__ = ['MLPNet', 'MLPBlock']
 
@@ -41,8 +40,6 @@ class MLPNet(torch.nn.Module):
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
                  model_channels=128, num_layers=4, dropout=0.0, label_dropout=0,
                  embedding_type='positional'):
-        if embedding_type not in ('fourier', 'positional'):
-            raise ValueError(f'embedding_type must be fourier or positional, not {embedding_type!r}')
         super().__init__()
         self.img_resolution = img_resolution
         self.out_channels = out_channels
@@ -50,10 +47,7 @@ class MLPNet(torch.nn.Module):
         in_features = in_channels * img_resolution * img_resolution
         out_features = out_channels * img_resolution * img_resolution
 
-        if embedding_type == 'positional':
-            self.map_noise = PositionalEmbedding(model_channels, endpoint=True)
-        else:
-            self.map_noise = FourierEmbedding(model_channels)
+        self.map_noise = noise_embedding(embedding_type, model_channels)
         self.map_label = Linear(label_dim, model_channels, **_INIT) if label_dim else None
         self.map_augment = Linear(augment_dim, model_channels, bias=False, **_INIT) if augment_dim else None
         self.map_layer0 = Linear(model_channels, model_channels, **_INIT)
@@ -66,14 +60,7 @@ class MLPNet(torch.nn.Module):
         self.out = Linear(model_channels, out_features, **_INIT_ZERO)
 
     def embed(self, noise_labels, class_labels=None, augment_labels=None):
-        emb = self.map_noise(noise_labels)
-        if self.map_label is not None:
-            labels = drop_labels(class_labels, self.label_dropout, self.training)
-            emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
-        emb = F.silu(self.map_layer0(emb))
-        return F.silu(self.map_layer1(emb))
+        return song_embed(self, self.map_noise(noise_labels), class_labels, augment_labels)
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
         n = x.shape[0]

@@ -1,20 +1,11 @@
-"""Preconditioning wrappers ``D(x; sigma, c) = c_skip x + c_out F(c_in x; c_noise, c)`` (EDM's ``training/networks.py``).
+"""Preconditioning ``D(x; sigma, c) = c_skip x + c_out F(c_in x; c_noise, c)`` (EDM's ``training/networks.py``).
 
-``EDMPrecond``, ``VPPrecond`` and ``VEPrecond`` take EDM's constructor kwargs (so the ``_init_kwargs`` of an EDM/SiD
-pickle build them) and hold the inner network as ``model`` (state_dict keys ``model.*``).
-
-Precision is decided in one place, :func:`set_precision` (the loop applies ``DistillConfig.precision`` to all four
-networks); the wrappers take and return fp32 whatever it is:
-
-* ``'fp32'``: full precision, whatever the checkpoint's ``use_fp16`` says.
-* ``'fp16'``: EDM's ``use_fp16``: the wrapper casts ``c_in x`` to fp16 and the U-Net runs on fp16 activations with
-  its weights cast at call time (convolutions, group norms, the attention's value product; the attention logits
-  and softmax in fp32), while the mapping network (noise/label/augment embeddings, the blocks' ``affine`` layers)
-  computes in fp32 from the fp32 noise and class labels; the output is cast back to fp32. No autocast.
-* ``'bf16'``: the inner network under ``torch.autocast(bfloat16)``.
-* never set (None): EDM's behaviour, fp16 as above on CUDA when built with ``use_fp16``, else fp32.
-
-``force_fp32=True`` (EDM's argument) runs one call in fp32 whatever the setting.
+The wrappers take EDM's constructor kwargs (so an EDM/SiD pickle's ``_init_kwargs`` builds them) and hold the inner
+network as ``model`` (state_dict keys ``model.*``). They take and return fp32; :func:`set_precision` decides how the
+inner network computes: ``'fp32'``; ``'fp16'`` (EDM's ``use_fp16``: ``c_in x`` cast to fp16, weights cast at call
+time, attention logits/softmax and the mapping network from the fp32 noise and class labels in fp32, no autocast);
+``'bf16'`` (``torch.autocast(bfloat16)``); None (EDM's default: fp16 as above on CUDA when built with ``use_fp16``,
+else fp32). ``force_fp32=True`` (EDM's argument) runs one call in fp32 whatever the setting.
 """
 
 from __future__ import annotations
@@ -61,13 +52,9 @@ def _records_init_kwargs(cls):
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
         recorded = {}
-        for name, value in signature.bind(self, *args, **kwargs).arguments.items():
-            if name == 'self':
-                continue
-            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                recorded.update(value)
-            else:
-                recorded[name] = value
+        for name, value in list(signature.bind(self, *args, **kwargs).arguments.items())[1:]:  # all but self
+            var_keyword = signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
+            recorded.update(value if var_keyword else {name: value})
         original(self, *args, **kwargs)
         self.init_kwargs = _jsonable(recorded)
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock, drop_labels
+from .layers import Conv2d, GroupNorm, Linear, UNetBlock, noise_embedding, song_embed
 
 __all__ = ['SongUNet']
 
@@ -40,10 +40,7 @@ class SongUNet(torch.nn.Module):
                             init=init, init_zero=init_zero, init_attn=init_attn)
 
         # Mapping network (the registration order fixes the state_dict order).
-        if embedding_type == 'positional':
-            self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
-        else:
-            self.map_noise = FourierEmbedding(noise_channels)
+        self.map_noise = noise_embedding(embedding_type, noise_channels)
         self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
@@ -99,13 +96,7 @@ class SongUNet(torch.nn.Module):
         emb = self.map_noise(noise_labels)
         # EDM's SongUNet feeds [sin, cos] rather than [cos, sin]: swap the two halves.
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
-        if self.map_label is not None:
-            labels = drop_labels(class_labels, self.label_dropout, self.training)
-            emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
-        emb = F.silu(self.map_layer0(emb))
-        return F.silu(self.map_layer1(emb))
+        return song_embed(self, emb, class_labels, augment_labels)
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
         emb = self.embed(noise_labels, class_labels, augment_labels)
