@@ -238,7 +238,7 @@ def test_run_folders_change_with_the_trajectory_and_not_with_resumable_keys(tmp_
         same = {r.name: r.dir(tmp_path) for r in _digits_runs(**{key: value})}
         assert same == base, key
     # The seed is a grid key: every seed has its own folder.
-    u0, u1 = "uncond-seed0-glr0.0004-lr0.0003-duration_kimg40", "uncond-seed1-glr0.0004-lr0.0003-duration_kimg40"
+    u0, u1 = "duration_kimg40-glr0.0004-lr0.0003-seed0-uncond", "duration_kimg40-glr0.0004-lr0.0003-seed1-uncond"
     assert base[u0] != base[u1]
 
 
@@ -539,3 +539,15 @@ def test_teacher_training_resumes_to_the_same_weights(tmp_path):
     (tmp_path / "part" / "network.json").unlink()
     with pytest.raises(ValueError, match="different teacher config"):
         train_teacher(TeacherConfig(**{**cfg.__dict__, "lr": 1e-4}), tmp_path / "part", x, y)
+
+
+def test_run_names_and_order_do_not_depend_on_how_the_grid_was_written():
+    # The stages receive their params as key-sorted YAML; a notebook or script reading params.yaml directly must
+    # find the same run folders.
+    section = load_params(smoke=False)["digits"]
+    reordered = {**section, "runs": [dict(reversed(list(g.items()))) for g in section["runs"]]}
+    from experiments.common.runs import expand_runs
+
+    names = [r.name for r in expand_runs(section, "digits", extra_keys=("variant",))]
+    assert names == [r.name for r in expand_runs(reordered, "digits", extra_keys=("variant",))]
+    assert all(n.startswith("duration_kimg40-") or n.startswith("glr") for n in names)

@@ -67,11 +67,12 @@ def expand_runs(section: dict, name: str, extra_keys=(), fill=None) -> list:
     list of such grids), the product of its values over ``section['distill']``.
 
     ``extra_keys``: grid keys that are not DistillConfig keys (e.g. ``variant``); ``fill(point, config) -> config``
-    adds what the benchmark sets itself (teacher, student geometry, device, ...). Order: grid by grid, key order.
+    adds what the benchmark sets itself (teacher, student geometry, device, ...). Order: grid by grid, keys sorted,
+    so names and order do not depend on how a mapping was written or passed on (the stages get key-sorted YAML).
     """
     out = []
     for grid in _grids(section):
-        keys = list(grid)
+        keys = sorted(grid)
         for values in itertools.product(*(grid[k] for k in keys)):
             point = dict(zip(keys, values))
             config = {**section["distill"], **{k: v for k, v in point.items() if k not in extra_keys}}
