@@ -92,11 +92,11 @@ def distill(config, run_dir: Optional[str | os.PathLike] = None, *, eval_fn: Opt
 
 
 class TickStats:
-    """Per-tick sums, kept on the device so that a tick costs one synchronisation; the first four are added as one
-    vector per iteration."""
+    """Per-tick sums, kept on the device so that a tick costs one synchronisation."""
 
-    NAMES = ('kept_fake', 'loss_fake', 'kept_G', 'loss_G', 'nonfinite_grads_fake', 'nonfinite_grads_G',
-             'skipped_steps_fake', 'skipped_steps_G', 'bad_iterations', 'fault')
+    ITERATION = ('kept_fake', 'loss_fake', 'kept_G', 'loss_G')  # one vector per iteration (:meth:`add_iteration`)
+    NAMES = ITERATION + ('nonfinite_grads_fake', 'nonfinite_grads_G', 'skipped_steps_fake', 'skipped_steps_G',
+                         'bad_iterations', 'fault')
     PER_STEP = ('nonfinite_grads_fake', 'nonfinite_grads_G', 'skipped_steps_fake', 'skipped_steps_G')
 
     def __init__(self, device):
@@ -104,6 +104,10 @@ class TickStats:
 
     def add(self, name: str, value) -> None:
         self.sums[self.NAMES.index(name)] += value
+
+    def add_iteration(self, sums: torch.Tensor) -> None:
+        """Add one iteration's sums, ordered as :attr:`ITERATION`."""
+        self.sums[:len(self.ITERATION)] += sums
 
     def collect(self, world: int, images: int) -> dict:
         """Sums over all processes, then reset (per-step counts are identical on every rank); ``images``: samples
@@ -246,7 +250,7 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
     tick_t0, tick_iters = time.time(), 0
 
     for it in range(start_it, total_iters):
-        it_sums = torch.zeros(4, dtype=torch.float64, device=device)  # kept_fake, loss_fake, kept_G, loss_G
+        it_sums = torch.zeros(len(TickStats.ITERATION), dtype=torch.float64, device=device)  # as TickStats.ITERATION
         # ---- 1. fake-score step ----------------------------------------------------------------------------
         G.eval()
         fake.train().requires_grad_(True)
@@ -293,7 +297,7 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
         it_done = it + 1
         tick_iters += 1
         pbar.update(1)
-        stats.sums[:4] += it_sums
+        stats.add_iteration(it_sums)
         bad = ((it_sums[0::2] == 0) | ~torch.isfinite(it_sums[1::2])).any().double()
         streak = (streak + 1) * bad
         stats.add('bad_iterations', bad)
