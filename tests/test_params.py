@@ -5,6 +5,7 @@ import ast
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -238,7 +239,8 @@ def test_run_folders_change_with_the_trajectory_and_not_with_resumable_keys(tmp_
         same = {r.name: r.dir(tmp_path) for r in _digits_runs(**{key: value})}
         assert same == base, key
     # The seed is a grid key: every seed has its own folder.
-    u0, u1 = "duration_kimg40-glr0.0004-lr0.0003-seed0-uncond", "duration_kimg40-glr0.0004-lr0.0003-seed1-uncond"
+    u0, u1 = ("duration_kimg40-ema_halflife_kimg8-lr0.0003-seed0-uncond",
+              "duration_kimg40-ema_halflife_kimg8-lr0.0003-seed1-uncond")
     assert base[u0] != base[u1]
 
 
@@ -282,7 +284,27 @@ def test_each_stage_declares_exactly_the_params_it_hands_over(stage):
     cmd = " ".join(do["cmd"].split())
     assert f"python -m experiments.common.stage {stage} ${{item}}" in cmd
     notebook = next(d for d in do["deps"] if d.startswith("notebooks/"))
-    assert f"papermill -k python3 --log-output {notebook} " in cmd and (ROOT / notebook).is_file()
+    assert f"papermill -k python3 {notebook} " in cmd and (ROOT / notebook).is_file()
+
+
+def test_a_worker_progress_line_reaches_the_terminal_once(tmp_path):
+    # The stages' papermill command on a notebook whose cell reports progress from two spawned workers: the
+    # kernel echoes its processes' stderr to the terminal, so papermill must not log the cell output again.
+    nbformat = pytest.importorskip("nbformat")
+    cmd = " ".join(DVC["stages"]["distill"]["do"]["cmd"].split())
+    papermill = re.search(r"papermill (.*?) notebooks/", cmd).group(1).split()
+    cell = ("from experiments.common.parallel import progress, run_parallel\n"
+            "run_parallel(progress, [dict(message='worker-line-a'), dict(message='worker-line-b')], workers=2)\n"
+            "import time; time.sleep(2)  # the kernel forwards its processes' output to the notebook meanwhile")
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)]), tmp_path / "in.ipynb")
+    env = env_without_smoke()
+    env.pop("PYTEST_CURRENT_TEST", None)  # ipykernel captures its processes' stderr only outside pytest
+    out = subprocess.run([sys.executable, "-m", "papermill", *papermill, str(tmp_path / "in.ipynb"),
+                          str(tmp_path / "out.ipynb")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    terminal = out.stdout + out.stderr
+    assert terminal.count("worker-line-a") == 1 and terminal.count("worker-line-b") == 1, terminal[-2000:]
 
 
 def test_the_stage_cli_prints_yaml_that_parses_to_the_stage_params():
@@ -295,8 +317,8 @@ def test_the_stage_cli_prints_yaml_that_parses_to_the_stage_params():
     got = yaml.safe_load(out.stdout)
     assert got == stage_params("distill", "digits", load_params(ROOT / "params.yaml", smoke=False))
     assert set(got["params"]) == {"data", "teacher", "runs", "distill", "eval"} and got["run"] == REPO_PARAMS["run"]
-    glr = got["params"]["runs"][1]["glr"]  # YAML floats such as 2.0e-4 arrive as floats, not strings
-    assert [type(v) for v in glr] == [float] and glr == REPO_PARAMS["digits"]["runs"][1]["glr"]
+    lr = got["params"]["runs"][1]["lr"]  # YAML floats such as 2.0e-4 arrive as floats, not strings
+    assert [type(v) for v in lr] == [float] and lr == REPO_PARAMS["digits"]["runs"][1]["lr"]
     assert type(got["params"]["teacher"]["lr"]) is float
 
 
@@ -550,4 +572,30 @@ def test_run_names_and_order_do_not_depend_on_how_the_grid_was_written():
 
     names = [r.name for r in expand_runs(section, "digits", extra_keys=("variant",))]
     assert names == [r.name for r in expand_runs(reordered, "digits", extra_keys=("variant",))]
-    assert all(n.startswith("duration_kimg40-") or n.startswith("glr") for n in names)
+    assert all(n.startswith("duration_kimg40-") or n.startswith("lr") for n in names)
+
+
+def test_a_mapping_in_the_grid_gives_a_plain_folder_name():
+    from experiments.common.runs import expand_runs
+
+    section = copy.deepcopy(REPO_PARAMS["toy2d"])
+    starts = [{"pairs": 100, "steps": 10}, {"steps": 10, "pairs": 200}]
+    section["runs"] = {"g_init": starts, "seed": [0]}
+    runs = expand_runs(section, "toy2d")
+    names = [r.name for r in runs]
+    assert all(re.fullmatch(r"g_init[0-9a-f]{6}-seed0", n) for n in names) and len(set(names)) == 2
+    assert [r.config["g_init"] for r in runs] == starts
+    section["runs"] = {"g_init": [{"steps": 10, "pairs": 100}], "seed": [0]}  # the same mapping written otherwise
+    assert [r.name for r in expand_runs(section, "toy2d")] == names[:1]
+
+
+def test_runs_share_their_data_free_start_unless_they_name_a_cache(tmp_path):
+    from experiments.common.runs import with_shared_start
+
+    start = {"pairs": 100, "steps": 10}
+    a, b = ({"alpha": alpha, "g_init": dict(start)} for alpha in (1.0, 1.2))
+    shared = [with_shared_start(c, tmp_path)["g_init"]["cache_dir"] for c in (a, b)]
+    assert shared[0] == shared[1] and Path(shared[0]).parent == tmp_path and a["g_init"] == start  # input untouched
+    own = {"g_init": {**start, "cache_dir": "elsewhere"}}
+    assert with_shared_start(own, tmp_path) == own
+    assert with_shared_start({"alpha": 1.0, "g_init": None}, tmp_path) == {"alpha": 1.0, "g_init": None}

@@ -15,8 +15,9 @@ __all__ = ["run_parallel", "progress"]
 
 
 def progress(message: str) -> None:
-    """One line of progress on the process's real stderr: inside a notebook run by papermill (and DVC) it reaches
-    the terminal as it happens, and it stays out of the stored notebook."""
+    """One line of progress on the process's file-level stderr: inside a notebook run by papermill (and DVC) the
+    kernel echoes it to the terminal as it happens (and keeps a copy in the executed notebook); the stages run
+    papermill without ``--log-output``, which would print that copy a second time."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.__stderr__, flush=True)
 
 

@@ -20,7 +20,7 @@ from sidlib.distill.config import RESUMABLE_CHANGES
 
 from .params import ParamsError, check_keys, check_list
 
-__all__ = ["Run", "expand_runs", "config_digest", "code_digest", "validate_distill"]
+__all__ = ["Run", "expand_runs", "config_digest", "code_digest", "validate_distill", "with_shared_start"]
 
 _ROOT = Path(__file__).resolve().parents[2]
 #: The code a run's trajectory depends on: the library and the benchmarks (not their figures, not the paper).
@@ -58,7 +58,18 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps([key, code_digest()], sort_keys=True).encode()).hexdigest()[:8]
 
 
+def with_shared_start(config: dict, root) -> dict:
+    """``config`` with its data-free start (``g_init``, if any) cached under ``root/g_init-<code digest>`` unless
+    it names a ``cache_dir``: runs that differ only in what the start does not depend on (alpha, glr, the budget,
+    ...) fit it once."""
+    if config.get("g_init") is None or config["g_init"].get("cache_dir"):
+        return config
+    return {**config, "g_init": {**config["g_init"], "cache_dir": str(Path(root) / f"g_init-{code_digest()[:8]}")}}
+
+
 def _fmt(v) -> str:
+    if isinstance(v, (dict, list)):  # e.g. a g_init mapping: a folder name holds 6 hex digits of its JSON, not the text
+        return hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:6]
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 

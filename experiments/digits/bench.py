@@ -26,7 +26,7 @@ from ..common.benchmark import Benchmark, Context, StageResult
 from ..common.parallel import progress
 from ..common.params import ParamsError, check_eval, check_keys, check_list, check_number
 from ..common.reports import markdown_table, mean_std, summarise, write_json, write_table
-from ..common.runs import Run, expand_runs, validate_distill
+from ..common.runs import Run, expand_runs, validate_distill, with_shared_start
 from ..common.teacher_training import TeacherConfig, train_teacher
 from . import plots as P
 from .classifier import accuracy, load_classifier, save_classifier, train_classifier
@@ -123,8 +123,9 @@ def run_one(section: dict, run: Run, ckpt: str) -> dict:
     run_dir = run.dir(Path(ckpt) / "sid")
     t0 = time.perf_counter()
     total = DistillConfig.from_dict(run.config).total_iterations() * run.config["batch"] / 1000
-    distill(run.config, run_dir=run_dir, eval_fn=StudentEval(section, ckpt, float(run.config.get("init_sigma", 2.5)),
-                                                             VARIANT_LABEL_DIM[run.point["variant"]], run.name, total))
+    evaluate = StudentEval(section, ckpt, float(run.config.get("init_sigma", 2.5)),
+                           VARIANT_LABEL_DIM[run.point["variant"]], run.name, total)
+    distill(with_shared_start(run.config, Path(ckpt) / "sid"), run_dir=run_dir, eval_fn=evaluate)
     return {"name": run.name, "point": run.point, "seconds": time.perf_counter() - t0}
 
 
@@ -162,8 +163,10 @@ class Digits(Benchmark):
                    "and 397 held-out test images. A small classifier gives the 128-d features in which FID, KID, "
                    "precision and recall are measured (Inception's features say little about 8×8 digits); a scaled-down "
                    "DDPM++ `EDMPrecond` is trained with EDM's loss for each variant (unconditional, class-conditional).",
-        "distill": "SiD initialises G and the fake score from the teacher's weights and distils it on generated images "
-                   "only. One run per point of the run grid (variant × seed); the EMA generator is scored every tick.",
+        "distill": "G and the fake score start from the teacher's weights; a data-free start (`distill.g_init`) then "
+                   "regresses G onto the teacher's own 35-NFE Heun samples and pre-fits the fake score, and SiD "
+                   "distils on generated images only. One run per point of the run grid (variant × seed); the EMA "
+                   "generator is scored every tick.",
         "evaluate": "Teacher (Heun at each NFE) and students (one step) on the same latents and labels: the paired "
                     "ratio student/teacher is what the targets use. Students: mean ± std over distillation seeds.",
         "figures": "FID against generated images with the seed band and the teacher's NFE lines; sample grids; "

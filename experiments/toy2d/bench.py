@@ -26,7 +26,7 @@ from ..common.benchmark import Benchmark, Context, StageResult
 from ..common.parallel import progress
 from ..common.params import ParamsError, check_eval, check_keys, check_list, check_number
 from ..common.reports import markdown_table, mean_std, summarise, write_json, write_table
-from ..common.runs import Run, code_digest, expand_runs, validate_distill
+from ..common.runs import Run, expand_runs, validate_distill, with_shared_start
 from .metrics import evaluate_points, mean_pairwise_distance, mode_metrics, reference_points
 from .mixture import MixtureDenoiser, MixtureSpec, images_to_points, sample_mixture
 
@@ -105,9 +105,7 @@ def run_one(section: dict, run: Run, root: str) -> dict:
     register_teacher(TEACHER_NAME, lambda: MixtureDenoiser(**spec.to_dict()))
     run_dir = run.dir(root)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = dict(run.config)
-    if config.get("g_init") is not None:  # runs that differ only in alpha share their data-free start
-        config["g_init"] = {**config["g_init"], "cache_dir": str(Path(root) / f"g_init-{code_digest()[:8]}")}
+    config = with_shared_start(run.config, root)  # runs that differ only in alpha share their data-free start
     t0 = time.perf_counter()
     distill(config, run_dir=run_dir,
             eval_fn=PointsEval(spec, run_dir, run.config.get("init_sigma", 2.5), int(section["eval"]["train_samples"]),
