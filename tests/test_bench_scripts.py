@@ -69,3 +69,21 @@ def test_sid_iteration_benchmark_runs_the_tiny_architecture_in_process():
     assert ref["sec_fwd_bwd"] > 0
     assert ref["params"] == sum(p.numel() for p in EDMPrecond(**mod._archs()["tiny"]).parameters())
     assert sid["sec_per_iter"] > 0 and sid["images_per_sec"] > 0 and sid["iterations_timed"] == 1
+
+
+def test_digits_sweep_parses_yaml_values_and_refuses_a_bad_key_before_any_run(monkeypatch, tmp_path):
+    mod = _load("digits_sweep")
+    assert mod.parse_sets(["glr=2.0e-4", "g_init={pairs: 10, steps: 2}", "g_init=null"]) == {
+        "glr": 2.0e-4, "g_init": None}
+    assert mod.parse_sets(["g_init={pairs: 10, steps: 2}"]) == {"g_init": {"pairs": 10, "steps": 2}}
+    with pytest.raises(SystemExit, match="key=value"):
+        mod.parse_sets(["glr"])
+    import experiments.common.parallel as parallel
+    from experiments.common.params import ParamsError
+
+    monkeypatch.setattr(parallel, "run_parallel", lambda *a, **k: pytest.fail("nothing may run"))
+    with pytest.raises(ParamsError, match="glrr"):
+        mod.main(["--set", "glrr=1.0", "--checkpoints", str(tmp_path / "sweep")])
+    with pytest.raises(ParamsError, match="digits.distill.glr"):
+        mod.main(["--set", "glr=-1.0", "--checkpoints", str(tmp_path / "sweep")])
+    assert not (tmp_path / "sweep").exists()  # nothing written

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sidlib.distill import DistillConfig, distill
+from sidlib.distill import STATE_FILE, DistillConfig, distill
+from sidlib.distill.config import G_INIT_DEFAULTS
 from sidlib.io.checkpoints import load_checkpoint, load_network
 from sidlib.io.logs import read_jsonl, training_curve
 from sidlib.sampling import to_uint8
@@ -125,6 +126,11 @@ def run_one(section: dict, run: Run, ckpt: str) -> dict:
     total = DistillConfig.from_dict(run.config).total_iterations() * run.config["batch"] / 1000
     evaluate = StudentEval(section, ckpt, float(run.config.get("init_sigma", 2.5)),
                            VARIANT_LABEL_DIM[run.point["variant"]], run.name, total)
+    start = run.config.get("g_init")
+    if start is not None and not (run_dir / STATE_FILE).exists():  # the first FID line comes after the start
+        progress(f"digits {run.name}: data-free start ({start.get('pairs', G_INIT_DEFAULTS['pairs'])} teacher "
+                 f"samples, {start.get('steps', G_INIT_DEFAULTS['steps'])} regression steps; reused if cached), then "
+                 f"{total:g} kimg")
     distill(with_shared_start(run.config, Path(ckpt) / "sid"), run_dir=run_dir, eval_fn=evaluate)
     return {"name": run.name, "point": run.point, "seconds": time.perf_counter() - t0}
 
