@@ -599,3 +599,37 @@ def test_runs_share_their_data_free_start_unless_they_name_a_cache(tmp_path):
     own = {"g_init": {**start, "cache_dir": "elsewhere"}}
     assert with_shared_start(own, tmp_path) == own
     assert with_shared_start({"alpha": 1.0, "g_init": None}, tmp_path) == {"alpha": 1.0, "g_init": None}
+
+
+def test_the_lock_hashes_code_folders_without_byte_code():
+    # A folder dep's hash must cover the tracked sources only: __pycache__ differs per checkout (source mtimes), and
+    # a hash over it would make `dvc status` of a fresh clone call every stage changed.
+    assert {"__pycache__/", "*.pyc"} <= set((ROOT / ".dvcignore").read_text().split())
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    checked = 0
+    for stage in lock["stages"].values():
+        for dep in stage.get("deps", []):
+            if dep["path"].startswith(("sidlib", "experiments")) and "nfiles" in dep:
+                assert dep["nfiles"] == sum(f.startswith(dep["path"] + "/") for f in tracked), dep["path"]
+                checked += 1
+    assert checked >= 4
+
+
+def test_dvc_status_finds_the_committed_code_and_params_unchanged():
+    # On any clone of the committed tree (CI's included): only git-ignored checkpoints may be missing, never a
+    # changed code folder, notebook or param, which would make `dvc repro` rerun everything.
+    out = subprocess.run(["dvc", "status", "--json", "dvc.yaml"], cwd=ROOT, env=env_without_smoke(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    stale = []
+    for stage, changes in json.loads(out.stdout or "{}").items():
+        for change in changes:
+            if not isinstance(change, dict):
+                stale.append((stage, change))  # e.g. "changed command"
+                continue
+            for kind, paths in change.items():
+                for path, state in (paths.items() if isinstance(paths, dict) else []):
+                    if not path.startswith("checkpoints/"):
+                        stale.append((stage, kind, path, state))
+    assert not stale, stale
