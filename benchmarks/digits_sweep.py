@@ -6,7 +6,7 @@ runs go to ``<checkpoints>/sid`` (resumable, named as the pipeline names them), 
 the pipeline's (``checkpoints/digits/teacher``, from ``dvc repro``). For every snapshot at a multiple of ``--every``
 kimg and the last one, the script prints the mean ± std over seeds of student FID / teacher FID at ``--nfe``, both on
 the pipeline's evaluation seeds (the same latents and labels); ``--other-sets K ...`` also scores the last snapshots
-on the seed sets of ``benchmarks/fid_noise_digits.py`` (5,000,000 + 100,000 K onwards).
+on the seed sets of ``benchmarks/fid_noise_digits.py`` (``seed_set``: 5,000,000 + 100,000 K onwards).
 
 Usage (after ``dvc repro``; two worker processes, minutes per setting)::
 
@@ -23,22 +23,21 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fid_noise_digits import sample_fid, seed_set  # noqa: E402
 
 
-def fid_job(section: dict, ckpt: str, kind: str, path: str, variant: str, first_seed: int, nfe: int) -> float:
-    """FID of ``num_samples`` images of a teacher (Heun, ``nfe``) or a student snapshot from seed ``first_seed``."""
+def fid_job(section: dict, ckpt: str, kind: str, path: str, variant: str, seeds: list, nfe: int) -> float:
+    """FID of the images of ``seeds`` of a teacher (Heun, ``nfe``) or a student snapshot."""
     from experiments.digits import bench as D
-    from experiments.digits.metrics import student_samples, teacher_samples
     from sidlib.io.checkpoints import load_checkpoint, load_network
 
-    seeds = list(range(first_seed, first_seed + int(section["eval"]["num_samples"])))
-    label_dim = D.VARIANT_LABEL_DIM[variant]
+    metrics, label_dim = D._metrics(section, Path(ckpt)), D.VARIANT_LABEL_DIM[variant]
     if kind == "teacher":
-        x, labels, _ = teacher_samples(load_network(path), seeds, nfe, label_dim)
-    else:
-        G, meta = load_checkpoint(path)
-        x, labels = student_samples(G, seeds, float(meta["init_sigma"]), label_dim)
-    return D._metrics(section, Path(ckpt))(x, labels, kid=False, prc=False)["fid"]
+        return sample_fid(metrics, load_network(path), seeds, label_dim, nfe=nfe)
+    G, meta = load_checkpoint(path)
+    return sample_fid(metrics, G, seeds, label_dim, init_sigma=float(meta["init_sigma"]))
 
 
 def parse_sets(items) -> dict:
@@ -71,6 +70,10 @@ def main(argv=None) -> int:
     pipeline = get_paths(smoke=False).checkpoints / "digits"
     base = next(g for g in section["runs"] if args.variant in g["variant"])  # the pipeline's grid for this variant
     grid = {k: v for k, v in base.items() if k not in ("variant", "seed")}
+    several = sorted(k for k, v in grid.items() if len(v) != 1)
+    if several:
+        raise SystemExit(f"error: the {args.variant} grid of params.yaml lists several values of {', '.join(several)}; "
+                         "choose one with --set")
     section["distill"] = {**section["distill"], **{k: v[0] for k, v in grid.items()}, **parse_sets(args.sets)}
     section["runs"] = [{"variant": [args.variant], "seed": list(args.seeds)}]
     D.BENCHMARK.validate(section)  # a bad key or value fails here, before anything runs
@@ -92,13 +95,16 @@ def main(argv=None) -> int:
             if (kimg > 0 and kimg % args.every == 0) or i == len(files) - 1:
                 snaps.setdefault(kimg, []).append(str(f))
     last = max(snaps)
-    firsts = [D.EVAL_SEEDS] + [5_000_000 + k * 100_000 for k in args.other_sets]
+    n = int(section["eval"]["num_samples"])
+    sets = {D.EVAL_SEEDS: list(range(D.EVAL_SEEDS, D.EVAL_SEEDS + n))}  # first seed -> seeds
+    sets.update((seeds[0], seeds) for seeds in (seed_set(k, n) for k in args.other_sets))
+    firsts = list(sets)
     common = dict(section=section, ckpt=str(ckpt), variant=args.variant, nfe=args.nfe)
-    jobs = [dict(common, kind="teacher", path=str(teacher), first_seed=s) for s in firsts]
-    jobs += [dict(common, kind="student", path=f, first_seed=D.EVAL_SEEDS) for k in sorted(snaps) for f in snaps[k]]
-    jobs += [dict(common, kind="student", path=f, first_seed=s) for s in firsts[1:] for f in snaps[last]]
+    jobs = [dict(common, kind="teacher", path=str(teacher), seeds=sets[s]) for s in firsts]
+    jobs += [dict(common, kind="student", path=f, seeds=sets[D.EVAL_SEEDS]) for k in sorted(snaps) for f in snaps[k]]
+    jobs += [dict(common, kind="student", path=f, seeds=sets[s]) for s in firsts[1:] for f in snaps[last]]
     fids = run_parallel(fid_job, jobs, workers=args.workers)
-    by_job = {(j["kind"], j["path"], j["first_seed"]): v for j, v in zip(jobs, fids)}
+    by_job = {(j["kind"], j["path"], j["seeds"][0]): v for j, v in zip(jobs, fids)}
     t = {s: by_job[("teacher", str(teacher), s)] for s in firsts}
     print(f"teacher at {args.nfe} NFE: FID {t[D.EVAL_SEEDS]:.3f} on the pipeline's seeds")
     print("| kimg | ratio (mean ± std over seeds) | per seed |\n|---:|---:|---|")

@@ -20,11 +20,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+#: Seed set k is ``SEED_SETS + k * SEED_SET_STRIDE`` onwards: disjoint from the pipeline's evaluation seeds
+#: (1,000,000 ...) and from each other up to 100,000 samples.
+SEED_SETS, SEED_SET_STRIDE = 5_000_000, 100_000
+
+
+def seed_set(k: int, n: int) -> list:
+    """The first ``n`` seeds of seed set ``k``."""
+    return list(range(SEED_SETS + k * SEED_SET_STRIDE, SEED_SETS + k * SEED_SET_STRIDE + n))
+
+
+def sample_fid(metrics, net, seeds, label_dim: int, *, nfe: int | None = None, init_sigma: float | None = None):
+    """FID of the images of ``seeds``: a teacher through Heun at ``nfe``, or a one-step student at ``init_sigma``."""
+    from experiments.digits.metrics import student_samples, teacher_samples
+
+    if init_sigma is None:
+        x, labels, _ = teacher_samples(net, seeds, nfe, label_dim)
+    else:
+        x, labels = student_samples(net, seeds, init_sigma, label_dim)
+    return metrics(x, labels, kid=False, prc=False)["fid"]
+
 
 def main(argv=None) -> int:
     from experiments.common.params import get_paths, load_params
     from experiments.digits import bench as D
-    from experiments.digits.metrics import student_samples, teacher_samples
     from sidlib.io.checkpoints import load_checkpoint, load_network
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -48,11 +67,9 @@ def main(argv=None) -> int:
     for n in args.sizes:
         t, s = [], []
         for k in range(args.sets):
-            seeds = list(range(5_000_000 + k * 100_000, 5_000_000 + k * 100_000 + n))
-            xt, lt, _ = teacher_samples(teacher, seeds, args.nfe, label_dim)
-            xs, ls = student_samples(G, seeds, float(meta["init_sigma"]), label_dim)
-            t.append(metrics(xt, lt, kid=False, prc=False)["fid"])
-            s.append(metrics(xs, ls, kid=False, prc=False)["fid"])
+            seeds = seed_set(k, n)
+            t.append(sample_fid(metrics, teacher, seeds, label_dim, nfe=args.nfe))
+            s.append(sample_fid(metrics, G, seeds, label_dim, init_sigma=float(meta["init_sigma"])))
         t, s = np.array(t), np.array(s)
         r = s / t
         print(f"| {n} | {t.mean():.2f} ± {t.std(ddof=1):.2f} | {s.mean():.2f} ± {s.std(ddof=1):.2f} | "

@@ -87,3 +87,29 @@ def test_digits_sweep_parses_yaml_values_and_refuses_a_bad_key_before_any_run(mo
     with pytest.raises(ParamsError, match="digits.distill.glr"):
         mod.main(["--set", "glr=-1.0", "--checkpoints", str(tmp_path / "sweep")])
     assert not (tmp_path / "sweep").exists()  # nothing written
+
+
+def test_digits_sweep_refuses_a_pipeline_grid_with_several_values(monkeypatch, tmp_path):
+    mod = _load("digits_sweep")
+    import experiments.common.params as params
+
+    real = params.load_params
+
+    def several_lrs(*a, **k):
+        p = real(*a, **k)
+        p["digits"]["runs"][0]["lr"] = [1e-4, 3e-4]
+        return p
+
+    monkeypatch.setattr(params, "load_params", several_lrs)
+    with pytest.raises(SystemExit, match="several values of lr"):
+        mod.main(["--variant", "uncond", "--checkpoints", str(tmp_path / "sweep")])
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_noise_seed_sets_are_disjoint_and_miss_the_pipeline_seeds():
+    from experiments.digits.bench import EVAL_SEEDS
+
+    mod = _load("fid_noise_digits")
+    sets = [set(mod.seed_set(k, 100_000)) for k in range(3)]
+    assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
+    assert all(min(s) > EVAL_SEEDS + 100_000 for s in sets) and mod.seed_set(1, 3) == [5_100_000, 5_100_001, 5_100_002]
