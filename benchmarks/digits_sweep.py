@@ -33,7 +33,7 @@ def fid_job(section: dict, ckpt: str, kind: str, path: str, variant: str, seeds:
     from experiments.digits import bench as D
     from sidlib.io.checkpoints import load_checkpoint, load_network
 
-    metrics, label_dim = D._metrics(section, Path(ckpt)), D.VARIANT_LABEL_DIM[variant]
+    metrics, label_dim = D.image_metrics(section, Path(ckpt)), D.VARIANT_LABEL_DIM[variant]
     if kind == "teacher":
         return sample_fid(metrics, load_network(path), seeds, label_dim, nfe=nfe)
     G, meta = load_checkpoint(path)

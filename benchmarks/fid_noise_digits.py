@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     run = next(r for r in D.runs(section, ckpt) if r.point["variant"] == args.variant)
     G, meta = load_checkpoint(sorted(run.dir(ckpt / "sid").glob("network-snapshot-*.safetensors"))[-1])
     teacher = load_network(D.teacher_path(ckpt, args.variant))
-    metrics = D._metrics(section, ckpt)
+    metrics = D.image_metrics(section, ckpt)
     label_dim = D.VARIANT_LABEL_DIM[args.variant]
     print(f"digits {args.variant}: teacher Heun {args.nfe} NFE vs {run.name}; std over {args.sets} disjoint seed sets")
     print("| samples | teacher FID (mean ± std) | student FID (mean ± std) | paired ratio (mean ± std) |")

@@ -595,3 +595,44 @@ def test_resume_refuses_a_changed_config(teacher_path, tmp_path):
     # A longer duration is a legitimate resume.
     distill(base_cfg(teacher_path, iterations=2), run_dir=run)
     assert load_training_state(run / 'training-state.pt')['iteration'] == 2
+
+
+def _copy_checkpoint(src, folder):
+    """A copy of a save_network checkpoint (weights and sidecar) in ``folder``; returns the weights path."""
+    folder.mkdir(parents=True)
+    for suffix in ('.safetensors', '.json'):
+        (folder / f'teacher{suffix}').write_bytes(Path(src).with_suffix(suffix).read_bytes())
+    return str(folder / 'teacher.safetensors')
+
+
+def test_resume_follows_the_teachers_weights_not_its_path(teacher_path, tmp_path):
+    start = {'pairs': 4, 'heun_steps': 2, 'steps': 1, 'batch': 4, 'fake_steps': 1}
+    old = _copy_checkpoint(teacher_path, tmp_path / 'checkout-a')
+    run = distill(base_cfg(old, iterations=1, g_init={**start, 'cache_dir': str(tmp_path / 'checkout-a' / 'g')}),
+                  run_dir=tmp_path / 'run')
+    # The checkout moved: the same weights elsewhere, the start kept elsewhere.
+    new = _copy_checkpoint(teacher_path, tmp_path / 'checkout-b')
+    distill(base_cfg(new, iterations=2, g_init={**start, 'cache_dir': str(tmp_path / 'checkout-b' / 'g')}),
+            run_dir=run)
+    state = load_training_state(run / 'training-state.pt')
+    assert state['iteration'] == 2 and state['teacher']['source'] == new
+    # Other weights at the same path are another teacher.
+    net = load_checkpoint(new)[0]
+    with torch.no_grad():
+        next(net.parameters()).add_(0.01)
+    save_network(Path(new).with_suffix(''), net)
+    with pytest.raises(ConfigError, match='teacher: cannot resume: .* other weights'):
+        distill(base_cfg(new, iterations=3, g_init={**start, 'cache_dir': str(tmp_path / 'checkout-b' / 'g')}),
+                run_dir=run)
+
+
+def test_a_shared_start_is_found_after_the_teacher_moves(teacher_path, tmp_path):
+    start = {'pairs': 4, 'heun_steps': 2, 'steps': 2, 'batch': 4, 'fake_steps': 1, 'cache_dir': str(tmp_path / 'g')}
+    first = distill(base_cfg(_copy_checkpoint(teacher_path, tmp_path / 'a'), iterations=1, g_init=start),
+                    run_dir=tmp_path / 'run-a')
+    second = distill(base_cfg(_copy_checkpoint(teacher_path, tmp_path / 'b'), iterations=1, g_init=start),
+                     run_dir=tmp_path / 'run-b')
+    logs = [read_jsonl(run / 'log.jsonl')[0] for run in (first, second)]
+    assert 'g_init_cached' not in logs[0] and logs[1]['g_init_cached'] is True
+    assert len(list((tmp_path / 'g').glob('g-init-*.pt'))) == 1
+    assert_weights(first, second, exact=True)  # same start, same draws: the same run

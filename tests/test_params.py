@@ -633,3 +633,30 @@ def test_dvc_status_finds_the_committed_code_and_params_unchanged():
                     if not path.startswith("checkpoints/"):
                         stale.append((stage, kind, path, state))
     assert not stale, stale
+
+
+def test_run_folders_follow_the_teachers_weights_not_the_checkout_folder(tmp_path):
+    from experiments.digits.bench import BENCHMARK, runs, teacher_path
+    from sidlib.io.checkpoints import save_network
+    from sidlib.networks import EDMPrecond, edm_kwargs
+
+    kwargs = edm_kwargs("ddpmpp", img_resolution=8, channel_mult=[1], model_channels=8, num_blocks=1,
+                        attn_resolutions=[], dropout=0.0)
+    section = copy.deepcopy(REPO_PARAMS["digits"])
+    for variant in ("uncond", "cond"):
+        torch.manual_seed(0)
+        save_network(teacher_path(tmp_path / "a", variant).with_suffix(""), EDMPrecond(**kwargs))
+
+    def dirs(ckpt):
+        return {r.name: r.dir(Path("sid")) for r in runs(section, ckpt)}
+
+    before = dirs(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+    assert dirs(tmp_path / "elsewhere" / "b") == before  # the same weights in another folder: the same runs
+    torch.manual_seed(1)
+    save_network(teacher_path(tmp_path / "a", "uncond").with_suffix(""), EDMPrecond(**kwargs))  # retrained
+    after = dirs(tmp_path / "a")
+    assert all((after[n] != before[n]) == n.endswith("uncond") for n in before)
+    with pytest.raises(FileNotFoundError, match="train the teacher first"):
+        dirs(tmp_path / "missing")
+    BENCHMARK.validate(section)  # params are checked before any teacher exists

@@ -1,10 +1,11 @@
 """SiD runs of a benchmark: the grid of ``<bench>.runs``, one DistillConfig per point, one folder per config.
 
 A run folder is named after its grid point and a digest of everything that defines its trajectory: the
-DistillConfig minus the keys a resumed run may change, and the source code that computes it (:func:`code_digest`).
-A changed configuration or changed code starts a fresh run in a new folder instead of resuming or reloading an old
-one, so the reports always come from the code that is checked in, and ``dvc exp run -S digits.distill.alpha=1.0``
-never touches the old runs.
+DistillConfig minus the keys a resumed run may change, the teacher's weights (not its path), and the source code
+that computes it (:func:`code_digest`). A changed configuration, a retrained teacher or changed code starts a fresh
+run in a new folder instead of resuming or reloading an old one, so the reports always come from the code that is
+checked in, and ``dvc exp run -S digits.distill.alpha=1.0`` never touches the old runs. A checkout moved to another
+folder finds its runs again.
 """
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ from pathlib import Path
 
 from sidlib.distill import ConfigError, DistillConfig
 from sidlib.distill.config import RESUMABLE_CHANGES
+from sidlib.io.checkpoints import CheckpointError, read_network_meta
+from sidlib.io.registry import is_url
 
 from .params import ParamsError, check_keys, check_list
 
-__all__ = ["Run", "expand_runs", "config_digest", "code_digest", "validate_distill", "with_shared_start"]
+__all__ = ["Run", "expand_runs", "config_digest", "code_digest", "teacher_identity", "validate_distill",
+           "with_shared_start"]
 
 _ROOT = Path(__file__).resolve().parents[2]
 #: The code a run's trajectory depends on: the library and the benchmarks (not their figures, not the paper).
@@ -51,11 +55,35 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def config_digest(config: dict) -> str:
-    """8 hex digits of sha256 over the trajectory-defining keys of a DistillConfig mapping and :func:`code_digest`."""
+def _trajectory(config: dict) -> dict:
     full = DistillConfig.from_dict(config).to_dict()
-    key = {k: v for k, v in sorted(full.items()) if k not in RESUMABLE_CHANGES}
+    return {k: v for k, v in sorted(full.items()) if k not in RESUMABLE_CHANGES}
+
+
+def config_digest(config: dict) -> str:
+    """8 hex digits of sha256 over the trajectory-defining keys of a DistillConfig mapping (the teacher as
+    :func:`teacher_identity`) and :func:`code_digest`."""
+    key = {**_trajectory(config), "teacher": teacher_identity(config.get("teacher"))}
     return hashlib.sha256(json.dumps([key, code_digest()], sort_keys=True).encode()).hexdigest()[:8]
+
+
+def teacher_identity(teacher):
+    """A teacher as run folders see it: a checkpoint file by its weights' sha256, so that the folder does not depend
+    on where the checkout lies and a retrained teacher gets new runs; a name (registered or in-process) or URL as
+    written. A local path that cannot be read raises FileNotFoundError naming it."""
+    if not isinstance(teacher, str) or is_url(teacher) or ("/" not in teacher and not Path(teacher).exists()):
+        return teacher
+    try:
+        stat = Path(teacher).stat()
+        return {"sha256": _weights_sha256(str(Path(teacher).resolve()), stat.st_mtime_ns, stat.st_size)}
+    except (OSError, CheckpointError) as e:
+        raise FileNotFoundError(f"teacher {teacher}: run folders are named after the teacher's weights, which "
+                                f"cannot be read ({e}); train the teacher first") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_sha256(path: str, mtime_ns: int, size: int) -> str:  # keyed on the file's state: a rewrite is read again
+    return read_network_meta(path)["sha256"]
 
 
 def with_shared_start(config: dict, root) -> dict:
@@ -130,7 +158,7 @@ def validate_distill(section: dict, name: str, extra_keys=(), fill=None) -> None
                 where=f"{name}.distill.")
         except ConfigError as e:
             raise ParamsError(str(e)) from None
-    digests = [config_digest(r.config) for r in all_runs]
+    digests = [json.dumps(_trajectory(r.config), sort_keys=True) for r in all_runs]  # the teacher need not exist yet
     for i, d in enumerate(digests):
         if digests.index(d) != i:
             raise ParamsError(f"{name}.runs: {all_runs[digests.index(d)].name} and {all_runs[i].name} are the same "

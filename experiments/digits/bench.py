@@ -62,7 +62,8 @@ def _split(section):
     return load_digits_split(int(section["data"]["split_seed"]), int(section["data"]["num_train"]))
 
 
-def _metrics(section, ckpt) -> ImageMetrics:
+def image_metrics(section, ckpt) -> ImageMetrics:
+    """The digits metrics (:class:`ImageMetrics`) with the classifier of ``teacher@digits`` and the params' split."""
     return ImageMetrics(require(classifier_path(ckpt), "digit classifier", "teacher@digits"),
                         split_seed=int(section["data"]["split_seed"]), num_train=int(section["data"]["num_train"]))
 
@@ -107,7 +108,7 @@ class StudentEval:
     the final evaluation: on a CPU they cost several times the FID)."""
 
     def __init__(self, section: dict, ckpt, init_sigma: float, label_dim: int, name: str = "", total_kimg=None):
-        self.metrics, self.name, self.total = _metrics(section, ckpt), name, total_kimg
+        self.metrics, self.name, self.total = image_metrics(section, ckpt), name, total_kimg
         n = int(section["eval"]["train_samples"])
         self.seeds, self.init_sigma, self.label_dim = list(range(TRAIN_EVAL_SEEDS, TRAIN_EVAL_SEEDS + n)), init_sigma, label_dim
 
@@ -139,7 +140,7 @@ def evaluate_job(section: dict, ckpt: str, kind: str, variant: str, nfe: int = 1
     """One row of the evaluation: the teacher of ``variant`` at ``nfe`` or the last snapshot of ``run``, on the
     paired seeds ``EVAL_SEEDS ...``."""
     seeds = list(range(EVAL_SEEDS, EVAL_SEEDS + int(section["eval"]["num_samples"])))
-    metrics = _metrics(section, ckpt)
+    metrics = image_metrics(section, ckpt)
     label_dim = VARIANT_LABEL_DIM[variant]
     t0 = time.perf_counter()
     if kind == "teacher":
@@ -218,7 +219,7 @@ class Digits(Benchmark):
             save_classifier(path, model, meta)
         done = ctx.parallel(train_teacher_variant, [dict(section=section, variant=v, ckpt=str(ckpt))
                                                     for v in variants(section)])
-        metrics = _metrics(section, ckpt)
+        metrics = image_metrics(section, ckpt)
         onehot = torch.nn.functional.one_hot(sp.train_labels, NUM_CLASSES).float()
         floor = metrics(sp.train_images, onehot, kid=False)
         record = {"classifier_test_accuracy": meta["test_accuracy"], "fid_train_vs_test": floor["fid"],
@@ -325,5 +326,5 @@ def _targets(summary: dict, big: int) -> list:
 
 
 BENCHMARK = Digits()
-__all__ = ["BENCHMARK", "Digits", "runs", "variants", "teacher_path", "classifier_path", "evaluate_job", "run_one",
-           "StudentEval", "teacher_config"]
+__all__ = ["BENCHMARK", "Digits", "runs", "variants", "teacher_path", "classifier_path", "image_metrics",
+           "evaluate_job", "run_one", "StudentEval", "teacher_config"]

@@ -260,11 +260,24 @@ def normalise(v):
     return v
 
 
-def check_resume(stored: dict, cfg: DistillConfig) -> None:
-    """Refuse to resume a state written with a config that differs in a key outside :data:`RESUMABLE_CHANGES`."""
+def check_resume(stored: dict, cfg: DistillConfig, stored_teacher: Optional[dict] = None,
+                 teacher: Optional[dict] = None) -> None:
+    """Refuse to resume a state written with a config that differs in a key outside :data:`RESUMABLE_CHANGES`.
+    ``stored_teacher``/``teacher``: the state's and this run's teacher provenance; when both hold the weights'
+    ``sha256``, the teacher is compared by its weights, not its path (a moved checkout resumes, new weights do not).
+    ``g_init.cache_dir`` only says where a start is kept, so it may differ too."""
+    shas = [(t or {}).get('sha256') for t in (stored_teacher, teacher)]
+    if all(shas) and shas[0] != shas[1]:
+        raise ConfigError(f'teacher: cannot resume: the teacher {cfg.teacher!r} has other weights (sha256 '
+                          f'{shas[1][:12]}...) than the one the run directory\'s state was trained with ({shas[0][:12]}...)')
+    skip = RESUMABLE_CHANGES | ({'teacher'} if all(shas) else set())
+
+    def value(config, k):
+        v = config.get(k)
+        return normalise({a: b for a, b in v.items() if a != 'cache_dir'} if k == 'g_init' and v else v)
+
     now = cfg.to_dict()
-    diff = sorted(k for k in set(stored) | set(now)
-                  if k not in RESUMABLE_CHANGES and normalise(stored.get(k)) != normalise(now.get(k)))
+    diff = sorted(k for k in set(stored) | set(now) if k not in skip and value(stored, k) != value(now, k))
     if diff:
         detail = ', '.join(f'{k}: state {stored.get(k)!r} vs config {now.get(k)!r}' for k in diff)
         raise ConfigError(f'cannot resume: the run directory holds a state made with a different config ({detail})')

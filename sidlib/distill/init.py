@@ -78,7 +78,9 @@ def prefit_fake_score(fake, G, sid_loss, *, init_sigma: float, label_dim: int, s
 
 
 def _cache_file(cfg, settings: dict, nets) -> Path:
-    key = {'teacher': nets.provenance, 'student': nets.G.init_kwargs, 'fake': nets.fake.init_kwargs,
+    # The teacher by its weights where they are known, so a moved checkout finds its starts again.
+    teacher = {k: v for k, v in nets.provenance.items() if k != 'source' or 'sha256' not in nets.provenance}
+    key = {'teacher': teacher, 'student': nets.G.init_kwargs, 'fake': nets.fake.init_kwargs,
            'settings': {k: v for k, v in settings.items() if k != 'cache_dir'},
            **{k: getattr(cfg, k) for k in ('seed', 'init_sigma', 'lr', 'batch', 'augment_p', 'precision')},
            'adam_eps': cfg.resolved_adam_eps()}

@@ -80,7 +80,7 @@ def distill(config, run_dir: Optional[str | os.PathLike] = None, *, eval_fn: Opt
         state = None
         if cfg.resume and (run_dir / STATE_FILE).exists():
             state = load_training_state(run_dir / STATE_FILE)
-            check_resume(state['config'], cfg)
+            check_resume(state['config'], cfg, state.get('teacher'), nets.provenance)
         created = dist_utils.init(device)
         try:
             return _train(cfg, nets, device, run_dir, state, eval_fn)

@@ -109,7 +109,7 @@ def _checkpoint_nets(cfg: DistillConfig) -> Nets:
     except (RuntimeError, TypeError, ValueError, KeyError) as e:
         raise ConfigError(f'student: kwargs {cfg.student} are incompatible with the teacher weights: {e}') from e
     prov = {'source': cfg.teacher, 'kind': 'network', 'class_name': class_name, 'init_kwargs': stored,
-            'meta': normalise(meta.get('meta') or {})}
+            'meta': normalise(meta.get('meta') or {}), 'sha256': meta['sha256']}
     return Nets(teacher, G, copy.deepcopy(G), prov)
 
 

@@ -303,12 +303,15 @@ def load_checkpoint(path, *, cache_dir=None, expected_kwargs: Mapping | None = N
 
 
 def read_network_meta(source, *, cache_dir=None) -> dict:
-    """``{'format', 'class_name', 'init_kwargs', 'meta', 'path', 'num_tensors', 'num_elements'}`` of a checkpoint,
-    without building the network; ``format`` is ``'sidlib-network/1'`` or ``'edm-pickle'``."""
+    """``{'format', 'class_name', 'init_kwargs', 'meta', 'path', 'num_tensors', 'num_elements', 'sha256'}`` of a
+    checkpoint, without building the network; ``format`` is ``'sidlib-network/1'`` or ``'edm-pickle'``; ``sha256``
+    identifies the weights wherever the file lies (ours: the weights file's, from the sidecar; a pickle: the file's)."""
     class_name, init_kwargs, sd, meta, file, kind = _read(source, cache_dir, load_tensors=False)
+    sha = (_read_sidecar(file.with_suffix(".json")).get("weights_sha256") or file_sha256(file) if kind == "sidlib"
+           else meta["provenance"]["sha256"])
     return {"format": FORMAT if kind == "sidlib" else "edm-pickle", "class_name": class_name,
             "init_kwargs": init_kwargs, "meta": meta, "path": str(file), "num_tensors": len(sd),
-            "num_elements": int(sum(np.prod(v.shape, dtype=np.int64) for v in sd.values()))}
+            "num_elements": int(sum(np.prod(v.shape, dtype=np.int64) for v in sd.values())), "sha256": sha}
 
 
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
