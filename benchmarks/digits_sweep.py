@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     section["distill"] = {**section["distill"], **{k: v[0] for k, v in grid.items()}, **parse_sets(args.sets)}
     section["runs"] = [{"variant": [args.variant], "seed": list(args.seeds)}]
     D.BENCHMARK.validate(section)  # a bad key or value fails here, before anything runs
-    teacher = D.require(D.teacher_path(pipeline, args.variant), f"digits {args.variant} teacher", "teacher@digits")
+    teacher = D.require(D.teacher_path(pipeline, section, args.variant), f"digits {args.variant} teacher", "teacher@digits")
     D.require(D.classifier_path(pipeline), "digit classifier", "teacher@digits")
     ckpt = Path(args.checkpoints) if args.checkpoints else pipeline.parent / "digits-sweep"
     (ckpt / "sid").mkdir(parents=True, exist_ok=True)

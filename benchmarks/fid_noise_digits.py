@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     ckpt = Path(args.checkpoints) if args.checkpoints else get_paths(smoke=False).checkpoints / "digits"
     run = next(r for r in D.runs(section, ckpt) if r.point["variant"] == args.variant)
     G, meta = load_checkpoint(sorted(run.dir(ckpt / "sid").glob("network-snapshot-*.safetensors"))[-1])
-    teacher = load_network(D.teacher_path(ckpt, args.variant))
+    teacher = load_network(D.teacher_path(ckpt, section, args.variant))
     metrics = D.image_metrics(section, ckpt)
     label_dim = D.VARIANT_LABEL_DIM[args.variant]
     print(f"digits {args.variant}: teacher Heun {args.nfe} NFE vs {run.name}; std over {args.sets} disjoint seed sets")

@@ -250,7 +250,7 @@ def test_teacher_and_student_samples_share_latent_labels(tiny_run):
 
     s, ckpt, run = tiny_run
     G, meta = load_checkpoint(sorted(run.dir(ckpt / "sid").glob("network-snapshot-*.safetensors"))[-1])
-    net = load_network(D.teacher_path(ckpt, "cond"))
+    net = load_network(D.teacher_path(ckpt, s, "cond"))
     seeds = list(range(1000, 1012))
     xs, ls = student_samples(G, seeds, float(meta["init_sigma"]), 10)
     xt, lt, used = teacher_samples(net, seeds, 3, 10)

@@ -645,7 +645,7 @@ def test_run_folders_follow_the_teachers_weights_not_the_checkout_folder(tmp_pat
     section = copy.deepcopy(REPO_PARAMS["digits"])
     for variant in ("uncond", "cond"):
         torch.manual_seed(0)
-        save_network(teacher_path(tmp_path / "a", variant).with_suffix(""), EDMPrecond(**kwargs))
+        save_network(teacher_path(tmp_path / "a", section, variant).with_suffix(""), EDMPrecond(**kwargs))
 
     def dirs(ckpt):
         return {r.name: r.dir(Path("sid")) for r in runs(section, ckpt)}
@@ -654,9 +654,47 @@ def test_run_folders_follow_the_teachers_weights_not_the_checkout_folder(tmp_pat
     shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
     assert dirs(tmp_path / "elsewhere" / "b") == before  # the same weights in another folder: the same runs
     torch.manual_seed(1)
-    save_network(teacher_path(tmp_path / "a", "uncond").with_suffix(""), EDMPrecond(**kwargs))  # retrained
+    save_network(teacher_path(tmp_path / "a", section, "uncond").with_suffix(""), EDMPrecond(**kwargs))  # retrained
     after = dirs(tmp_path / "a")
     assert all((after[n] != before[n]) == n.endswith("uncond") for n in before)
     with pytest.raises(FileNotFoundError, match="train the teacher first"):
         dirs(tmp_path / "missing")
     BENCHMARK.validate(section)  # params are checked before any teacher exists
+
+
+def test_teacher_folders_follow_the_teachers_config_and_data():
+    from experiments.digits.bench import teacher_path
+
+    section = copy.deepcopy(REPO_PARAMS["digits"])
+    base = {v: teacher_path("ckpt", section, v) for v in ("uncond", "cond")}
+    assert base["uncond"].parent.parent == Path("ckpt/teacher") and base["uncond"].name == "network.safetensors"
+    assert re.fullmatch(r"uncond-[0-9a-f]{8}", base["uncond"].parent.name) and base["uncond"] != base["cond"]
+    for block, key, value in (("teacher", "iterations", 1600), ("teacher", "lr", 1e-3), ("data", "num_train", 1000),
+                              ("data", "split_seed", 1)):
+        changed = copy.deepcopy(section)
+        changed[block][key] = value
+        assert teacher_path("ckpt", changed, "uncond") != base["uncond"], key
+    # What the teachers are not made of leaves them where they are.
+    other = copy.deepcopy(section)
+    other["teacher"]["classifier"]["epochs"] += 1
+    other["distill"]["alpha"] = 1.0
+    other["eval"]["num_samples"] = 100
+    assert {v: teacher_path("ckpt", other, v) for v in base} == base
+
+
+def test_a_changed_teacher_config_trains_beside_the_old_teacher(tmp_path):
+    """Before teacher folders were named after their config, a changed ``digits.teacher`` stopped at the old
+    folder's training state ("written with a different teacher config")."""
+    from experiments.digits import bench as D
+
+    section = copy.deepcopy(REPO_PARAMS["digits"])
+    section["teacher"].update(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], iterations=2,
+                              batch=8, checkpoint_every=1, log_every=1)
+    torch.set_num_threads(1)
+    first = D.train_teacher_variant(section, "uncond", str(tmp_path))
+    section["teacher"]["iterations"] = 3
+    second = D.train_teacher_variant(section, "uncond", str(tmp_path))
+    assert (first["iterations"], second["iterations"]) == (2, 3)
+    folders = sorted(p.name for p in (tmp_path / "teacher").iterdir())
+    assert len(folders) == 2 and all(f.startswith("uncond-") for f in folders)
+    assert all((tmp_path / "teacher" / f / "network.safetensors").is_file() for f in folders)

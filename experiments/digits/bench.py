@@ -9,8 +9,10 @@ labels (paired), so the student/teacher ratio is free of the seed-set noise that
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ from ..common.benchmark import Benchmark, Context, StageResult
 from ..common.parallel import progress
 from ..common.params import ParamsError, check_eval, check_keys, check_list, check_number
 from ..common.reports import markdown_table, mean_std, summarise, write_json, write_table
-from ..common.runs import Run, expand_runs, validate_distill, with_shared_start
+from ..common.runs import Run, code_digest, expand_runs, validate_distill, with_shared_start
 from ..common.teacher_training import TeacherConfig, train_teacher
 from . import plots as P
 from .classifier import accuracy, load_classifier, save_classifier, train_classifier
@@ -48,8 +50,13 @@ def classifier_path(ckpt: Path) -> Path:
     return Path(ckpt) / "teacher" / "classifier" / "classifier.safetensors"
 
 
-def teacher_path(ckpt: Path, variant: str) -> Path:
-    return Path(ckpt) / "teacher" / variant / "network.safetensors"
+def teacher_path(ckpt: Path, section: dict, variant: str) -> Path:
+    """``<ckpt>/teacher/<variant>-<digest>/network.safetensors``. The digest (8 hex digits of sha256) covers what the
+    teacher is made from: its :class:`TeacherConfig`, the data split and :func:`code_digest`. Changed
+    ``digits.teacher`` or ``digits.data`` values, or changed code, train a new teacher beside the old one."""
+    key = [asdict(teacher_config(section, variant)), section["data"], code_digest()]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(ckpt) / "teacher" / f"{variant}-{digest}" / "network.safetensors"
 
 
 def require(path: Path, what: str, stage: str) -> Path:
@@ -79,14 +86,15 @@ def variants(section: dict) -> list:
     return list(dict.fromkeys(v for g in grids for v in g.get("variant", [])))
 
 
-def _fill(ckpt):
+def _fill(ckpt, section):
     def fill(point, config):
-        return {**config, "teacher": str(teacher_path(ckpt, point["variant"])), "device": "cpu", "progress": False}
+        return {**config, "teacher": str(teacher_path(ckpt, section, point["variant"])), "device": "cpu",
+                "progress": False}
     return fill
 
 
 def runs(section: dict, ckpt) -> list:
-    return expand_runs(section, "digits", extra_keys=("variant",), fill=_fill(ckpt))
+    return expand_runs(section, "digits", extra_keys=("variant",), fill=_fill(ckpt, section))
 
 
 # ---- work done in worker processes ----------------------------------------------------------------------------
@@ -94,7 +102,7 @@ def runs(section: dict, ckpt) -> list:
 def train_teacher_variant(section: dict, variant: str, ckpt: str) -> dict:
     sp = _split(section)
     cfg = teacher_config(section, variant)
-    out = train_teacher(cfg, teacher_path(ckpt, variant).parent, sp.train_images, sp.train_labels,
+    out = train_teacher(cfg, teacher_path(ckpt, section, variant).parent, sp.train_images, sp.train_labels,
                         num_classes=NUM_CLASSES,
                         progress=lambda r: progress(f"digits teacher {variant}: {r['iteration']}/{cfg.iterations} "
                                                     f"iterations, loss {r['loss']:.3g}"))
@@ -144,7 +152,8 @@ def evaluate_job(section: dict, ckpt: str, kind: str, variant: str, nfe: int = 1
     label_dim = VARIANT_LABEL_DIM[variant]
     t0 = time.perf_counter()
     if kind == "teacher":
-        net = load_network(require(teacher_path(ckpt, variant), f"digits {variant} teacher", "teacher@digits"))
+        net = load_network(require(teacher_path(ckpt, section, variant), f"digits {variant} teacher",
+                                   "teacher@digits"))
         x, lab, nfe = teacher_samples(net, seeds, nfe, label_dim)
         row = {"model": "teacher (Heun)", "variant": variant, "nfe": nfe}
     else:
@@ -201,7 +210,7 @@ class Digits(Benchmark):
             for k in ("teacher", "teacher_kwargs", "student"):
                 if k in section["distill"]:
                     raise ParamsError(f"digits.distill.{k}: set by the benchmark (its teacher of each variant)")
-            validate_distill(section, "digits", extra_keys=("variant",), fill=_fill("checkpoints/digits"))
+            validate_distill(section, "digits", extra_keys=("variant",), fill=_fill("checkpoints/digits", section))
         if "eval" in section:
             check_eval(section["eval"], "digits.eval")
 
@@ -225,7 +234,8 @@ class Digits(Benchmark):
         record = {"classifier_test_accuracy": meta["test_accuracy"], "fid_train_vs_test": floor["fid"],
                   **{f"teacher_seconds_{d['variant']}": d["seconds"] for d in done}}
         write_json(ctx.paths.eval / "teacher-digits.json", record)
-        logs = {d["variant"]: read_jsonl(teacher_path(ckpt, d["variant"]).parent / "log.jsonl") for d in done}
+        logs = {d["variant"]: read_jsonl(teacher_path(ckpt, section, d["variant"]).parent / "log.jsonl")
+                for d in done}
         figs = {"digits-teacher/training_images.png": P.training_images(sp),
                 "digits-teacher/teacher_loss.png": P.teacher_loss(logs)}
         rows = [{"variant": d["variant"], "parameters": d["parameters"], "iterations": d["iterations"],
