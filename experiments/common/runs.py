@@ -23,8 +23,8 @@ from sidlib.io.registry import is_url
 
 from .params import ParamsError, check_keys, check_list
 
-__all__ = ["Run", "expand_runs", "config_digest", "code_digest", "teacher_identity", "validate_distill",
-           "with_shared_start"]
+__all__ = ["Run", "expand_runs", "config_digest", "code_digest", "short_digest", "teacher_identity",
+           "validate_distill", "with_shared_start"]
 
 _ROOT = Path(__file__).resolve().parents[2]
 #: The code a run's trajectory depends on: the library and the benchmarks (not their figures, not the paper).
@@ -55,6 +55,11 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
+def short_digest(obj, n: int = 8) -> str:
+    """The first ``n`` hex digits of the sha256 of ``obj`` as key-sorted JSON: how folder names record settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]
+
+
 def _trajectory(config: dict) -> dict:
     full = DistillConfig.from_dict(config).to_dict()
     return {k: v for k, v in sorted(full.items()) if k not in RESUMABLE_CHANGES}
@@ -64,7 +69,7 @@ def config_digest(config: dict) -> str:
     """8 hex digits of sha256 over the trajectory-defining keys of a DistillConfig mapping (the teacher as
     :func:`teacher_identity`) and :func:`code_digest`."""
     key = {**_trajectory(config), "teacher": teacher_identity(config.get("teacher"))}
-    return hashlib.sha256(json.dumps([key, code_digest()], sort_keys=True).encode()).hexdigest()[:8]
+    return short_digest([key, code_digest()])
 
 
 def teacher_identity(teacher):
@@ -97,7 +102,7 @@ def with_shared_start(config: dict, root) -> dict:
 
 def _fmt(v) -> str:
     if isinstance(v, (dict, list)):  # e.g. a g_init mapping: a folder name holds 6 hex digits of its JSON, not the text
-        return hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:6]
+        return short_digest(v, 6)
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 

@@ -9,7 +9,6 @@ labels (paired), so the student/teacher ratio is free of the seed-set noise that
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict
@@ -29,7 +28,7 @@ from ..common.benchmark import Benchmark, Context, StageResult
 from ..common.parallel import progress
 from ..common.params import ParamsError, check_eval, check_keys, check_list, check_number
 from ..common.reports import markdown_table, mean_std, summarise, write_json, write_table
-from ..common.runs import Run, code_digest, expand_runs, validate_distill, with_shared_start
+from ..common.runs import Run, code_digest, expand_runs, short_digest, validate_distill, with_shared_start
 from ..common.teacher_training import TeacherConfig, train_teacher
 from . import plots as P
 from .classifier import accuracy, load_classifier, save_classifier, train_classifier
@@ -54,8 +53,7 @@ def teacher_path(ckpt: Path, section: dict, variant: str) -> Path:
     """``<ckpt>/teacher/<variant>-<digest>/network.safetensors``. The digest (8 hex digits of sha256) covers what the
     teacher is made from: its :class:`TeacherConfig`, the data split and :func:`code_digest`. Changed
     ``digits.teacher`` or ``digits.data`` values, or changed code, train a new teacher beside the old one."""
-    key = [asdict(teacher_config(section, variant)), section["data"], code_digest()]
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    digest = short_digest([asdict(teacher_config(section, variant)), section["data"], code_digest()])
     return Path(ckpt) / "teacher" / f"{variant}-{digest}" / "network.safetensors"
 
 

@@ -96,7 +96,7 @@ def _read_sidecar(json_path: Path) -> dict:
     return doc
 
 
-def _read_sidlib(weights: Path, load_tensors: bool) -> tuple[str, dict, dict, dict]:
+def _read_sidlib(weights: Path, load_tensors: bool) -> tuple[str, dict, dict, dict, str | None]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -115,13 +115,13 @@ def _read_sidlib(weights: Path, load_tensors: bool) -> tuple[str, dict, dict, di
                 sd = {k: TensorInfo(tuple(f.get_slice(k).get_shape()), None) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {str(e)[:200]}") from None
-    return doc["class_name"], doc["init_kwargs"], sd, doc.get("meta", {})
+    return doc["class_name"], doc["init_kwargs"], sd, doc.get("meta", {}), recorded
 
 
 _SID_SNAPSHOT_NAME = re.compile(r"network-snapshot-(\d+\.\d+)-(\d+)\.pkl$")
 
 
-def _read_pickle(path: Path, load_tensors: bool, prov: dict) -> tuple[str, dict, dict, dict]:
+def _read_pickle(path: Path, load_tensors: bool, prov: dict) -> tuple[str, dict, dict, dict, str]:
     data = read_edm_pickle(path, load_tensors=load_tensors)
     if "ema" not in data:
         raise CheckpointError(f"{path} has no 'ema' network (top-level keys: {short_repr(sorted(data))})")
@@ -150,10 +150,11 @@ def _read_pickle(path: Path, load_tensors: bool, prov: dict) -> tuple[str, dict,
     extra["module_src_sha256"] = data["ema"].module_src_sha256
     meta["provenance"] = {**prov, "path": str(path), "format": "edm-pickle",
                           "sha256": _read_record(path) or file_sha256(path), **extra}
-    return class_name, init_kwargs, sd, meta
+    return class_name, init_kwargs, sd, meta, meta["provenance"]["sha256"]
 
 
 def _read(source, cache_dir, load_tensors: bool):
+    """``(class_name, init_kwargs, state_dict, meta, weights sha256 as recorded or None, file, kind)``."""
     path, prov = resolve_source(source, cache_dir=cache_dir)
     try:
         kind, file = _locate(path)
@@ -296,7 +297,7 @@ def load_network(source, *, cache_dir=None, expected_kwargs: Mapping | None = No
 def load_checkpoint(path, *, cache_dir=None, expected_kwargs: Mapping | None = None):
     """``(net, meta)``; ``meta`` is what :func:`save_network` stored (for pickles: alpha/kimg/init_sigma where
     known, and ``provenance``). Accepts every :func:`load_network` source."""
-    class_name, init_kwargs, sd, meta, file, _ = _read(path, cache_dir, load_tensors=True)
+    class_name, init_kwargs, sd, meta, _, file, _ = _read(path, cache_dir, load_tensors=True)
     if expected_kwargs is not None and class_name in networks.PRECOND_TYPES:
         _check_expected(class_name, init_kwargs, expected_kwargs, str(file))
     return _build(class_name, init_kwargs, sd, str(file)), meta
@@ -306,12 +307,11 @@ def read_network_meta(source, *, cache_dir=None) -> dict:
     """``{'format', 'class_name', 'init_kwargs', 'meta', 'path', 'num_tensors', 'num_elements', 'sha256'}`` of a
     checkpoint, without building the network; ``format`` is ``'sidlib-network/1'`` or ``'edm-pickle'``; ``sha256``
     identifies the weights wherever the file lies (ours: the weights file's, from the sidecar; a pickle: the file's)."""
-    class_name, init_kwargs, sd, meta, file, kind = _read(source, cache_dir, load_tensors=False)
-    sha = (_read_sidecar(file.with_suffix(".json")).get("weights_sha256") or file_sha256(file) if kind == "sidlib"
-           else meta["provenance"]["sha256"])
+    class_name, init_kwargs, sd, meta, sha, file, kind = _read(source, cache_dir, load_tensors=False)
     return {"format": FORMAT if kind == "sidlib" else "edm-pickle", "class_name": class_name,
             "init_kwargs": init_kwargs, "meta": meta, "path": str(file), "num_tensors": len(sd),
-            "num_elements": int(sum(np.prod(v.shape, dtype=np.int64) for v in sd.values())), "sha256": sha}
+            "num_elements": int(sum(np.prod(v.shape, dtype=np.int64) for v in sd.values())),
+            "sha256": sha or file_sha256(file)}
 
 
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
