@@ -140,10 +140,9 @@ def _warp(x, G_inv):
     cx, cy = (w - 1) / 2, (h - 1) / 2
     corners = torch.tensor([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1, 1, 1, 1]], dtype=x.dtype, device=x.device)
     reach = (G_inv @ corners)[:, :2]  # [M, xy, corner]
-    lo = (-reach).amax(dim=(0, 2)) + 2 * q - torch.tensor([cx, cy], device=x.device)
-    hi = reach.amax(dim=(0, 2)) + 2 * q - torch.tensor([cx, cy], device=x.device)
-    px0, py0 = [int(v) for v in lo.clamp(min=0).minimum(torch.tensor([w - 1, h - 1], device=x.device)).ceil()]
-    px1, py1 = [int(v) for v in hi.clamp(min=0).minimum(torch.tensor([w - 1, h - 1], device=x.device)).ceil()]
+    centre, limit = torch.tensor([cx, cy], device=x.device), torch.tensor([w - 1, h - 1], device=x.device)
+    pad = torch.stack([(-reach).amax(dim=(0, 2)), reach.amax(dim=(0, 2))]) + 2 * q - centre  # [before/after, xy]
+    (px0, py0), (px1, py1) = pad.clamp(min=0).minimum(limit).ceil().int().tolist()
     x = F.pad(x, [px0, px1, py0, py1], mode='reflect')
     wp, hp = w + px0 + px1, h + py0 + py1
     # 2x upsampling (transposed convolution with the filter, separable: x, then y).

@@ -16,7 +16,6 @@ __all__ = ['env_world_size', 'env_rank', 'env_local_rank', 'default_device', 'in
 
 
 def env_world_size() -> int:
-    """World size announced by the launcher (1 when not launched by torchrun)."""
     return int(os.environ.get('WORLD_SIZE', '1'))
 
 
@@ -29,7 +28,6 @@ def env_local_rank() -> int:
 
 
 def default_device() -> torch.device:
-    """This process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is available, else the CPU."""
     return torch.device('cuda', env_local_rank()) if torch.cuda.is_available() else torch.device('cpu')
 
 

@@ -22,6 +22,7 @@ differ; SiD's ``sid_metrics.py`` draws unseeded noise, so it has no seeds to mat
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import re
 import sys
@@ -38,8 +39,8 @@ from .io.logs import training_curve
 from .rng import inputs_for_seeds
 from .sampling import heun_generator, onestep_generator, to_uint8
 
-__all__ = ["parse_seeds", "select_snapshot", "generate_images", "save_pngs", "save_npz", "save_grid",
-           "add_network_args", "sampler_kwargs", "load_for_sampling", "main"]
+__all__ = ["parse_seeds", "select_snapshot", "make_generator", "generate_images", "gather_rows", "save_pngs",
+           "save_npz", "save_grid", "add_network_args", "sampler_kwargs", "load_for_sampling", "main"]
 
 
 def parse_seeds(text) -> list[int]:
@@ -78,7 +79,7 @@ def select_snapshot(source, which="latest") -> tuple[str, dict | None]:
                if metric and r.get(metric) is not None and int(r["images_seen"]) // 1000 in snaps]
         if not pts:
             raise ValueError(f"{run}: no logged FID of a snapshot in log.jsonl, so no 'best' snapshot; use "
-                                f"'latest' or a kimg ({', '.join(map(str, sorted(snaps)))})")
+                             f"'latest' or a kimg ({', '.join(map(str, sorted(snaps)))})")
         value, kimg = min(pts)
         sel.update(criterion=f"lowest {metric} of {len(pts)} logged evaluations", criterion_value=value)
     elif str(which).isdigit():
@@ -91,20 +92,47 @@ def select_snapshot(source, which="latest") -> tuple[str, dict | None]:
     return str(snaps[kimg]), sel
 
 
-@torch.no_grad()
-def generate_images(net, seeds, *, sampler: str = "onestep", init_sigma: float = 2.5, steps: int = 18,
-                    sampler_kwargs=None, class_idx=None, label_probs=None, batch: int = 64, device=None):
-    """Yield ``(seeds, uint8 [n, C, H, W] on CPU, class indices [n] or None)`` batch by batch."""
+def make_generator(net, meta, sampler: str = "onestep", init_sigma: float | None = None, steps: int = 18,
+                   sampler_kwargs=None):
+    """``generator_fn`` of ``net``: SiD's ``'onestep'`` (``init_sigma``: else ``meta``'s, else 2.5) or EDM's
+    ``'heun'`` (``steps``, ``sampler_kwargs`` S_churn/S_min/S_max/S_noise)."""
     if sampler not in ("onestep", "heun"):
         raise ValueError(f"sampler must be 'onestep' or 'heun', got {sampler!r}")
-    fn = onestep_generator(net, init_sigma) if sampler == "onestep" else heun_generator(net, steps, **(sampler_kwargs or {}))
-    shape = [int(net.img_channels), int(net.img_resolution), int(net.img_resolution)]
+    if sampler == "heun":
+        return heun_generator(net, steps, **dict(sampler_kwargs or {}))
+    return onestep_generator(net, float(init_sigma if init_sigma is not None else meta.get("init_sigma", 2.5)))
+
+
+@torch.no_grad()
+def generate_images(generator_fn, seeds, img_shape, label_dim: int = 0, *, class_idx=None, label_probs=None,
+                    batch: int = 64, device=None):
+    """Yield ``(seeds, uint8 [n, C, H, W], class indices [n] or None)`` batch by batch: ``generator_fn(z,
+    labels)`` (images in [-1, 1]) of each seed's inputs (:func:`inputs_for_seeds`); a ``generator_fn`` with a
+    ``generators`` parameter also receives the seeds' generators for its own noise."""
+    try:
+        pass_gens = "generators" in inspect.signature(generator_fn).parameters
+    except (TypeError, ValueError):
+        pass_gens = False
     seeds = list(seeds)
     for i in range(0, len(seeds), batch):
         s = seeds[i:i + batch]
-        z, labels, gens = inputs_for_seeds(s, shape, int(net.label_dim), device, probs=label_probs, class_idx=class_idx)
-        x = fn(z, labels, generators=gens) if sampler == "heun" else fn(z, labels)
-        yield s, to_uint8(x).cpu(), None if labels is None else labels.argmax(1).cpu()
+        z, labels, gens = inputs_for_seeds(s, img_shape, label_dim, device, probs=label_probs, class_idx=class_idx)
+        x = generator_fn(z, labels, generators=gens) if pass_gens else generator_fn(z, labels)
+        yield s, to_uint8(x), None if labels is None else labels.argmax(1)  # on the generating device
+
+
+def gather_rows(batches: list, total: int) -> torch.Tensor:
+    """The rows of every rank's ``batches`` (tensors ``[n, ...]``), ``[total, ...]`` in position order, where rank
+    ``r`` of ``W`` holds positions ``r, r+W, ...`` (the ``[rank::world]`` split of the seeds)."""
+    world = dist_utils.world_size()
+    if world == 1:
+        return torch.cat(batches)
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, [b.cpu() for b in batches])
+    rows = [[row for b in p for row in b] for p in parts]
+    if [len(r) for r in rows] != [len(range(r, total, world)) for r in range(world)]:
+        raise RuntimeError("gathering lost rows: ranks disagree on the seed split")
+    return torch.stack([rows[i % world][i // world] for i in range(total)])
 
 
 def _write_png(path, hwc: np.ndarray) -> None:
@@ -130,10 +158,10 @@ def save_npz(path, seeds, images: torch.Tensor, labels=None) -> Path:
     return Path(path)
 
 
-def save_grid(path, images: torch.Tensor, columns: int | None = None) -> Path:
-    """A grid PNG of uint8 ``[N, C, H, W]`` images, row by row (``ceil(sqrt(N))`` columns by default)."""
+def save_grid(path, images: torch.Tensor) -> Path:
+    """A grid PNG of uint8 ``[N, C, H, W]`` images, row by row in ``ceil(sqrt(N))`` columns."""
     n, c, h, w = images.shape
-    gw = columns or math.ceil(math.sqrt(n))
+    gw = math.ceil(math.sqrt(n))
     gh = math.ceil(n / gw)
     full = torch.zeros([gh * gw, c, h, w], dtype=torch.uint8)
     full[:n] = images
@@ -182,57 +210,48 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(args) -> str:
+def _run(args) -> None:
     if not (args.outdir or args.npz or args.grid):
         raise ValueError("nothing to write: give --outdir, --npz and/or --grid")
     seeds = parse_seeds(args.seeds)
     net, meta, selection, device = load_for_sampling(args.network, args.snapshot, args.device)
     from .metrics.references import label_frequencies
     probs = label_frequencies(args.label_probs, int(net.label_dim)) if args.label_probs else None
-    init_sigma = float(args.init_sigma if args.init_sigma is not None else meta.get("init_sigma", 2.5))
+    fn = make_generator(net, meta, args.sampler, args.init_sigma, args.steps, sampler_kwargs(args))
+    shape = [int(net.img_channels), int(net.img_resolution), int(net.img_resolution)]
     created = dist_utils.init(device)
     try:
+        images, labels = [], []
         mine = seeds[dist_utils.rank()::dist_utils.world_size()]  # as the protocol splits them
-        parts = []
-        for s, images, labels in generate_images(net, mine, sampler=args.sampler, init_sigma=init_sigma,
-                                                 steps=args.steps, sampler_kwargs=sampler_kwargs(args),
-                                                 class_idx=args.class_idx, label_probs=probs, batch=args.batch,
-                                                 device=device):
+        for s, x, lab in generate_images(fn, mine, shape, int(net.label_dim), class_idx=args.class_idx,
+                                         label_probs=probs, batch=args.batch, device=device):
+            x, lab = x.cpu(), None if lab is None else lab.cpu()
             if args.outdir:
-                save_pngs(args.outdir, s, images, subdirs=args.subdirs)
+                save_pngs(args.outdir, s, x, subdirs=args.subdirs)
             if args.npz or args.grid:
-                parts.append((s, images, labels))
+                images.append(x)
+                labels.append(lab)
         if args.npz or args.grid:
-            gathered = [parts]
-            if dist_utils.world_size() > 1:
-                gathered = [None] * dist_utils.world_size()
-                torch.distributed.all_gather_object(gathered, parts)
-            order = {s: i for i, s in enumerate(seeds)}
-            rows = sorted(((s, img, None if lab is None else int(lab[j])) for p in gathered for ss, img_b, lab in p
-                           for j, (s, img) in enumerate(zip(ss, img_b))), key=lambda r: order[r[0]])
-            images = torch.stack([r[1] for r in rows])
+            images = gather_rows(images, len(seeds))
+            labels = gather_rows(labels, len(seeds)) if net.label_dim else None
             if dist_utils.rank() == 0 and args.npz:
-                save_npz(args.npz, [r[0] for r in rows], images, None if rows[0][2] is None else [r[2] for r in rows])
+                save_npz(args.npz, seeds, images, labels)
             if dist_utils.rank() == 0 and args.grid:
                 save_grid(args.grid, images)
         dist_utils.barrier()
     finally:
         if created:
             dist_utils.shutdown()
-    what = f"{args.network}" + (f" (snapshot {selection['snapshot']}: {selection['kimg']} kimg)" if selection else "")
-    outs = ", ".join(str(o) for o in (args.outdir, args.npz, args.grid) if o)
-    return f"{len(seeds)} images of {what}, {args.sampler} sampler -> {outs}"
+    if dist_utils.env_rank() == 0:
+        what = args.network + (f" (snapshot {selection['snapshot']}: {selection['kimg']} kimg)" if selection else "")
+        outs = ", ".join(str(o) for o in (args.outdir, args.npz, args.grid) if o)
+        print(f"{len(seeds)} images of {what}, {args.sampler} sampler -> {outs}")
 
 
 def main(argv=None) -> int:
     argv, debug = split_debug(argv)
     args = _parser().parse_args(argv)
-
-    def body():
-        message = _run(args)
-        if dist_utils.env_rank() == 0:
-            print(message)
-    return run_main(body, debug)
+    return run_main(lambda: _run(args), debug)
 
 
 if __name__ == "__main__":

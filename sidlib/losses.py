@@ -25,10 +25,6 @@ class EDMLoss:
     def sample_sigma(self, n: int, generator: GeneratorArg = None, device=None) -> torch.Tensor:
         return (randn(n, [1, 1, 1], generator, device=device) * self.P_std + self.P_mean).exp()
 
-    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        sd = self.sigma_data
-        return (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
-
     def __call__(self, net, images, labels=None, augment_pipe=None, generator: GeneratorArg = None, *,
                  sigma: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
                  augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -43,7 +39,8 @@ class EDMLoss:
             noise = randn(n, y.shape[1:], generator, device=y.device)
         kw = {} if augment_labels is None else {'augment_labels': augment_labels}
         D = net(y + noise * sigma, sigma, labels, **kw)
-        return self.weight(sigma) * (D.to(torch.float32) - y.to(torch.float32)) ** 2
+        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        return weight * (D.to(torch.float32) - y.to(torch.float32)) ** 2
 
 
 def sid_sigma(u, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
@@ -74,12 +71,7 @@ def sid_generator_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Te
 
 def finite_sample_mask(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
     """Bool ``[N]``: True for samples whose rows are finite in every given tensor (None entries are ignored)."""
-    mask = None
-    for t in tensors:
-        if t is None:
-            continue
-        ok = torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(dim=1)
-        mask = ok if mask is None else mask & ok
-    if mask is None:
+    masks = [torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(dim=1) for t in tensors if t is not None]
+    if not masks:
         raise ValueError('finite_sample_mask needs at least one tensor')
-    return mask
+    return torch.stack(masks).all(dim=0)

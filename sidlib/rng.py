@@ -36,7 +36,7 @@ import torch
 __all__ = [
     'GeneratorArg', 'PHASE_FAKE', 'PHASE_G', 'RANK_STREAM', 'DROPOUT_STREAM', 'STUDENT_INIT_STREAM',
     'G_INIT_STREAM', 'BatchStream', 'derive_seed', 'sample_generators', 'randn', 'rand', 'random_labels',
-    'SeedInputs', 'seed_generators', 'inputs_for_seeds', 'latents_for_seeds', 'reseed_global',
+    'SeedInputs', 'inputs_for_seeds', 'latents_for_seeds', 'reseed_global',
 ]
 
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator], 'BatchStream']
@@ -86,7 +86,6 @@ class BatchStream:
         self.total, self.cache = int(total), []
 
     def view(self, start: int, count: int) -> 'BatchStream':
-        """A micro-batch's view: its k-th draw is rows ``[start, start + count)`` of the k-th global draw."""
         v = object.__new__(BatchStream)
         v.gen, v.total, v.cache, v.start, v.count, v.k = self.gen, self.total, self.cache, int(start), int(count), 0
         return v
@@ -158,20 +157,15 @@ class SeedInputs(NamedTuple):
     generators: list
 
 
-def seed_generators(seeds: Sequence[int], device=None) -> list:
-    """One generator per seed on ``device`` (default CPU), seeded with ``seed % 2**32`` (EDM's
-    ``StackedRandomGenerator``). CPU and CUDA generators give different numbers for the same seed."""
-    device = torch.device('cpu') if device is None else torch.device(device)
-    return [torch.Generator(device=device).manual_seed(int(s) % (1 << 32)) for s in seeds]
-
-
 def inputs_for_seeds(seeds: Sequence[int], shape: Sequence[int], label_dim: int = 0, device=None, *,
                      probs: Optional[Sequence[float]] = None, class_idx: Optional[int] = None) -> SeedInputs:
     """Latents and labels of evaluation seeds as EDM's ``generate.py`` and SiD's ``generate_onestep.py`` draw them:
-    per seed, ``randn(shape)`` (float32) then ``randint(label_dim)`` from the seed's generator on ``device``; any split
+    per seed, ``randn(shape)`` (float32) then ``randint(label_dim)`` from a generator on ``device`` (default CPU)
+    seeded with ``seed % 2**32`` (EDM's ``StackedRandomGenerator``; CPU and CUDA give different numbers); any split
     of the seeds gives the same rows. probs: unnormalised class frequencies (not in EDM): the label is then one float64
     uniform, CDF inverted. class_idx: every label set to it after the draw (EDM's ``--class``)."""
-    shape, gens = [int(s) for s in shape], seed_generators(seeds, device)
+    shape, gen_device = [int(s) for s in shape], torch.device('cpu' if device is None else device)
+    gens = [torch.Generator(device=gen_device).manual_seed(int(s) % (1 << 32)) for s in seeds]
     if not gens:
         z = torch.zeros([0] + shape, device=device)
         return SeedInputs(z, torch.zeros([0, label_dim], device=device) if label_dim > 0 else None, gens)
@@ -196,8 +190,7 @@ def inputs_for_seeds(seeds: Sequence[int], shape: Sequence[int], label_dim: int 
     return SeedInputs(z, torch.eye(label_dim, device=idx.device)[idx].to(z.device), gens)
 
 
-def latents_for_seeds(seeds: Sequence[int], shape: Sequence[int], device=None,
-                      dtype=torch.float64) -> torch.Tensor:
+def latents_for_seeds(seeds: Sequence[int], shape: Sequence[int], device=None, dtype=torch.float64) -> torch.Tensor:
     """The latents of :func:`inputs_for_seeds` (EDM's float32 draw on ``device``), returned in ``dtype`` (an exact
     cast for float64, the dtype EDM's Heun sampler integrates in)."""
     return inputs_for_seeds(seeds, shape, 0, device).latents.to(dtype)

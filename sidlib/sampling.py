@@ -14,7 +14,7 @@ import torch
 from .rng import GeneratorArg, randn
 
 __all__ = ['edm_sigmas', 'heun_sampler', 'generate_onestep', 'generate_fewstep', 'augment_dim', 'augment_zeros',
-           'to_uint8', 'onestep_generator', 'heun_generator']
+           'sid_call', 'to_uint8', 'onestep_generator', 'heun_generator']
 
 
 def edm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -23,8 +23,7 @@ def edm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0
     sigma_max^(1/rho)))^rho`` for i = 0..N-1, then ``t_N = 0``."""
     if num_steps < 1:
         raise ValueError(f'num_steps must be >= 1, got {num_steps}')
-    i = torch.arange(num_steps, dtype=torch.float64, device=device)
-    frac = i / max(num_steps - 1, 1)
+    frac = torch.arange(num_steps, dtype=torch.float64, device=device) / max(num_steps - 1, 1)
     t = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([t, torch.zeros(1, dtype=torch.float64, device=device)])
 
@@ -39,8 +38,7 @@ def _call(denoiser, x, sigma, class_labels):
 def heun_sampler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_labels=None,
                  S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float('inf'),
                  S_noise: float = 1.0, generator: GeneratorArg = None, noise_every_step: bool = False):
-    """EDM's 2nd-order Heun sampler (EDM, Algorithm 2; the last step is Euler, so ``2 N - 1`` evaluations when
-    deterministic). Returns ``(x0, nfe)``.
+    """EDM's 2nd-order Heun sampler (EDM, Algorithm 2; the last step is Euler). Returns ``(x0, nfe)``.
 
     denoiser: ``D(x, sigma [N], class_labels)``. x: ``[N, C, H, W]`` noise already scaled by ``sigmas[0]``,
     integrated in x's dtype (float64 matches EDM). sigmas: ``[N_steps + 1]`` decreasing, ending in 0.
@@ -50,7 +48,6 @@ def heun_sampler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_label
     """
     sigmas = [float(s) for s in sigmas]
     num_steps = len(sigmas) - 1
-    nfe = 0
     for i in range(num_steps):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
@@ -59,13 +56,11 @@ def heun_sampler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, class_label
         eps = randn(x.shape[0], x.shape[1:], generator, device=x.device, dtype=x.dtype) if draw else None
         x_hat = x + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * eps if gamma > 0 else x
         d = (x_hat - _call(denoiser, x_hat, t_hat, class_labels)) / t_hat
-        nfe += 1
         x = x_hat + (t_next - t_hat) * d
         if t_next > 0:
             d2 = (x - _call(denoiser, x, t_next, class_labels)) / t_next
-            nfe += 1
             x = x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d2)
-    return x, nfe
+    return x, num_steps + sum(t > 0 for t in sigmas[1:])  # one evaluation per step, two where t_next > 0
 
 
 def augment_dim(net) -> int:
@@ -84,14 +79,20 @@ def augment_zeros(net, n: int, device) -> torch.Tensor | None:
     return torch.zeros([n, dim], device=device) if dim > 0 else None
 
 
+def sid_call(net, x, sigma, class_labels=None, augment_labels=None) -> torch.Tensor:
+    """``net(x, sigma, class_labels)`` in float32 as SiD calls its networks: with ``augment_labels``, by default
+    :func:`augment_zeros` (none for networks without augmentation conditioning)."""
+    if augment_labels is None:
+        augment_labels = augment_zeros(net, x.shape[0], x.device)
+    kw = {} if augment_labels is None else {'augment_labels': augment_labels}
+    return net(x, sigma, class_labels, **kw).to(torch.float32)
+
+
 def generate_onestep(G, z: torch.Tensor, init_sigma: float, class_labels=None, augment_labels=None) -> torch.Tensor:
     """One-step SiD generation ``x_g = G(init_sigma * z, init_sigma, labels)`` from standard normal latents
     ``z [N, C, H, W]``: float32 images in [-1, 1] (not clipped); gradients flow if enabled."""
-    n = z.shape[0]
-    sigma = torch.full([n, 1, 1, 1], float(init_sigma), dtype=torch.float32, device=z.device)
-    aug = augment_labels if augment_labels is not None else augment_zeros(G, n, z.device)
-    kw = {} if aug is None else {'augment_labels': aug}
-    return G(z.to(torch.float32) * float(init_sigma), sigma, class_labels, **kw).to(torch.float32)
+    sigma = torch.full([z.shape[0], 1, 1, 1], float(init_sigma), dtype=torch.float32, device=z.device)
+    return sid_call(G, z.to(torch.float32) * float(init_sigma), sigma, class_labels, augment_labels)
 
 
 def generate_fewstep(G, z: torch.Tensor, sigmas: Sequence[float], class_labels=None,
@@ -131,10 +132,9 @@ def heun_generator(net: torch.nn.Module, num_steps: int = 18, *, sigma_min: floa
     def fn(z, labels, generators=None):
         if S_churn > 0 and generators is None:
             raise ValueError("the stochastic Heun sampler needs the seeds' generators")
-        x, _ = heun_sampler(net, z.to(torch.float64) * sigmas[0], sigmas.to(z.device), class_labels=labels,
+        return heun_sampler(net, z.to(torch.float64) * sigmas[0], sigmas.to(z.device), class_labels=labels,
                             S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, generator=generators,
-                            noise_every_step=True)
-        return x
+                            noise_every_step=True)[0]
     fn.nfe = 2 * num_steps - 1
     fn.description = {"kind": "heun", "steps": int(num_steps), "nfe": 2 * num_steps - 1, "S_churn": S_churn,
                       "S_min": S_min, "S_max": S_max if math.isfinite(S_max) else None, "S_noise": S_noise}

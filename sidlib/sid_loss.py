@@ -17,22 +17,20 @@ import torch
 
 from .losses import EDMLoss, finite_sample_mask, sample_sid_sigma, sid_generator_loss
 from .rng import GeneratorArg, randn
-from .sampling import augment_zeros
+from .sampling import augment_zeros, sid_call
 
 __all__ = ['SiDLoss']
 
 
-def _rows(t, rows):
-    return t if t is None or rows is None else t[rows]
+def _finite_loss(loss_fn, x, *tensors):
+    """``loss_fn(x, *tensors)`` -> per-element loss, on rows of ``x [N, ...]`` and ``tensors`` (``[N, ...]`` or None)
+    whose non-finite rows of x are zeroed first. Returns ``(loss of the kept rows, keep [N])`` with no NaN in the
+    graph of the kept rows (module docstring)."""
+    ok = finite_sample_mask(x)
+    x = torch.where(ok.reshape(-1, *[1] * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
-
-def _zero_bad_rows(x, ok):
-    return torch.where(ok.reshape(-1, *[1] * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def _finite_loss(run, ok):
-    """``run(rows)`` -> per-element loss of ``rows`` (None: all); ``ok [N]``: rows with finite inputs.
-    Returns ``(loss of the kept rows, keep [N])`` with no NaN in the graph of the kept rows (module docstring)."""
+    def run(rows):  # rows: indices, None for all
+        return loss_fn(*[t if t is None or rows is None else t[rows] for t in (x, *tensors)])
     loss = run(None)
     keep = ok & finite_sample_mask(loss)
     if bool(keep.all()):  # the one synchronisation of the usual case
@@ -67,13 +65,10 @@ class SiDLoss:
         else:
             y, aug = x_g, augment_zeros(fake, n, dev)
         noise = randn(n, y.shape[1:], generator, device=dev)
-        ok = finite_sample_mask(y)
-        y = _zero_bad_rows(y, ok)
 
-        def run(rows):
-            return self.edm(fake, _rows(y, rows), _rows(labels, rows), sigma=_rows(sigma, rows),
-                            noise=_rows(noise, rows), augment_labels=_rows(aug, rows)).to(torch.float32)
-        return _finite_loss(run, ok)
+        def loss_fn(y, labels, sigma, noise, aug):
+            return self.edm(fake, y, labels, sigma=sigma, noise=noise, augment_labels=aug).to(torch.float32)
+        return _finite_loss(loss_fn, y, labels, sigma, noise, aug)
 
     def generator_loss(self, teacher, fake, x_g: torch.Tensor, labels=None, generator: GeneratorArg = None):
         """SiD's generator loss for ``x_g [N, C, H, W]`` (with graph into G): ``x_t = x_g + sigma n``,
@@ -85,16 +80,9 @@ class SiDLoss:
         noise = randn(n, x_g.shape[1:], generator, device=x_g.device)
         if x_g.dim() == 4 and not x_g.is_contiguous() and x_g.is_contiguous(memory_format=torch.channels_last):
             noise = noise.contiguous(memory_format=torch.channels_last)
-        ok = finite_sample_mask(x_g)
-        x_g = _zero_bad_rows(x_g, ok)
 
-        def run(rows):
-            x, s, c = _rows(x_g, rows), _rows(sigma, rows), _rows(labels, rows)
-            x_t = x + s * _rows(noise, rows)
-            return sid_generator_loss(x, _call(teacher, x_t, s, c), _call(fake, x_t, s, c), self.alpha)
-        return _finite_loss(run, ok)
-
-
-def _call(net, x, sigma, labels):
-    aug = augment_zeros(net, x.shape[0], x.device)
-    return net(x, sigma, labels, **({} if aug is None else {'augment_labels': aug})).to(torch.float32)
+        def loss_fn(x_g, labels, sigma, noise):
+            x_t = x_g + sigma * noise
+            return sid_generator_loss(x_g, sid_call(teacher, x_t, sigma, labels), sid_call(fake, x_t, sigma, labels),
+                                      self.alpha)
+        return _finite_loss(loss_fn, x_g, labels, sigma, noise)

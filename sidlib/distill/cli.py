@@ -28,29 +28,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, rest = p.parse_known_args(argv)
 
     def body():
-        run_dir = _run(p, args, rest)
+        data = {}
+        if args.config:
+            with open(args.config, encoding='utf-8') as f:
+                data = yaml.safe_load(f) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f'{args.config}: expected a mapping of config keys')
+        for item in rest:
+            if not item.startswith('--') or '=' not in item:
+                p.error(f'unrecognised argument {item!r} (use --key=value or --set key=value)')
+        for item in args.set + [a[2:] for a in rest]:
+            key, sep, value = item.partition('=')
+            if not sep:
+                p.error(f'--set expects KEY=VALUE, got {item!r}')
+            data[key.strip().replace('-', '_')] = yaml.safe_load(value)
+        if args.run_dir:
+            data['run_dir'] = args.run_dir
+        run_dir = distill(DistillConfig.from_dict(data))
         if dist_utils.env_rank() == 0:
-            print(str(run_dir))
+            print(run_dir)
     return run_main(body, debug)
-
-
-def _run(p: argparse.ArgumentParser, args, rest: List[str]):
-    data: dict = {}
-    if args.config:
-        with open(args.config, encoding='utf-8') as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f'{args.config}: expected a mapping of config keys')
-    overrides = list(args.set)
-    for item in rest:
-        if not item.startswith('--') or '=' not in item:
-            p.error(f'unrecognised argument {item!r} (use --key=value or --set key=value)')
-        overrides.append(item[2:])
-    for item in overrides:
-        key, sep, value = item.partition('=')
-        if not sep:
-            p.error(f'--set expects KEY=VALUE, got {item!r}')
-        data[key.strip().replace('-', '_')] = yaml.safe_load(value)
-    if args.run_dir:
-        data['run_dir'] = args.run_dir
-    return distill(DistillConfig.from_dict(data))

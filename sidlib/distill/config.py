@@ -42,90 +42,80 @@ RESUMABLE_CHANGES = frozenset({
 
 @dataclass
 class DistillConfig:
-    """Plain-data configuration of a SiD run.
+    """Plain-data configuration of a SiD run (units in the module docstring)."""
 
-    Teacher and students: teacher (a :func:`sidlib.load_network` source or an in-process teacher's name, see
-        :func:`sidlib.distill.register_teacher`), teacher_kwargs (expected constructor kwargs; a stored teacher that
-        differs is refused), student (kwargs of G and the fake score: overrides of the teacher's, or the full kwargs
-        for in-process teachers), student_class. SiD: alpha (1.2), tmax (800), init_sigma (2.5).
-    Optimisation: batch (global), batch_gpu (micro-batch per process; None = the whole per-process batch), lr / glr
-        (fake score / G), g_beta1, beta2, adam_eps (None = 1e-8, or 1e-6 for fp16 as SiD), ls / lsg (static loss
-        scales), loss_scaler ('static': SiD's, non-finite gradient elements replaced NaN -> 0, +-Inf -> +-1e5, every
-        step taken; 'dynamic': torch's GradScaler on top, whose skipped steps count as skipped_steps_*), dropout
-        (None = the networks'), augment_p (fake-score augmentation; needs augment_dim=9), ema_halflife_kimg,
-        ema_rampup.
-    Length and bookkeeping: iterations or duration_kimg (exactly one), tick_kimg, snap_ticks (G_ema snapshot + grid +
-        eval every N ticks and at the end; 0 = at the end only), extra_snap_ticks (further such ticks; SiD's loop:
-        [0, 10, ..., 100] with snap_ticks 50), snapshot_keep_every (keep every N-th snapshot, the newest and, with
-        snapshot_keep_best, the best by that eval key (snapshot_best_mode 'min' | 'max'), delete the rest; 0 = keep
-        all), state_ticks (training state every N ticks and at the end), numbered_state_ticks (also keep
-        training-state-<kimg>.pt every N ticks; 0 = never), max_bad_iterations (stop after this many consecutive
-        iterations in which a phase kept no sample or had a non-finite loss, checked every tick; 0 = never).
-    Randomness: seed, rng (see :mod:`sidlib.rng`), label_probs (class probabilities; None = uniform).
-    Start: g_init (None = G and the fake score copy the teacher; a mapping of :data:`G_INIT_DEFAULTS` keys = first
-        regress G on the teacher's own sampler, see :mod:`sidlib.distill.init`).
-    Numerics / performance: precision (see :func:`sidlib.networks.set_precision`), device ('auto' | 'cpu' | 'cuda' |
-        'cuda:N'), channels_last, compile, attention (None = the networks' default), fused_adam, num_threads.
-    Outputs: run_dir, eval_fn ('package.module:function' of an installed module, called as fn(G_ema, kimg) -> dict
-        at snapshots; with eval_kwargs it is a factory called once as fn(**eval_kwargs)), grid_size (images in the
-        PNG sample grid; 0 = none), progress (tqdm bar), resume.
-    """
-
-    teacher: str = ''
-    teacher_kwargs: Optional[dict] = None
-    student: Optional[dict] = None
+    # Teacher and students.
+    teacher: str = ''  # a sidlib.load_network source, or an in-process teacher's name (see register_teacher)
+    teacher_kwargs: Optional[dict] = None  # expected constructor kwargs; a stored teacher that differs is refused
+    student: Optional[dict] = None  # G's and the fake score's kwargs: overrides of the teacher's (in-process: all)
     student_class: str = 'EDMPrecond'
-    alpha: float = 1.2
+    alpha: float = 1.2  # SiD's alpha, tmax and init_sigma
     tmax: float = 800.0
     init_sigma: float = 2.5
-    batch: int = 256
-    batch_gpu: Optional[int] = None
-    lr: float = 1e-5
-    glr: float = 1e-5
+    # Optimisation.
+    batch: int = 256  # global
+    batch_gpu: Optional[int] = None  # micro-batch per process; None = the whole per-process batch
+    lr: float = 1e-5  # fake score
+    glr: float = 1e-5  # G
     g_beta1: float = 0.0
     beta2: float = 0.999
-    adam_eps: Optional[float] = None
-    ls: float = 1.0
+    adam_eps: Optional[float] = None  # None = 1e-8, or 1e-6 for fp16 as SiD
+    ls: float = 1.0  # static loss scales of the fake score and G
     lsg: float = 100.0
+    #: 'static': SiD's, non-finite gradient elements replaced NaN -> 0, +-Inf -> +-1e5, every step taken; 'dynamic':
+    #: torch's GradScaler on top, whose skipped steps count as skipped_steps_*.
     loss_scaler: str = 'static'
-    dropout: Optional[float] = None
-    augment_p: float = 0.0
+    dropout: Optional[float] = None  # None = the networks'
+    augment_p: float = 0.0  # fake-score augmentation; needs augment_dim=9
     ema_halflife_kimg: float = 500.0
     ema_rampup: Optional[float] = 0.05
-    iterations: Optional[int] = None
+    # Length and bookkeeping.
+    iterations: Optional[int] = None  # exactly one of iterations / duration_kimg
     duration_kimg: Optional[float] = None
     tick_kimg: float = 10.0
-    snap_ticks: int = 50
-    extra_snap_ticks: Optional[list] = None
+    snap_ticks: int = 50  # G_ema snapshot + grid + eval every N ticks and at the end; 0 = at the end only
+    extra_snap_ticks: Optional[list] = None  # further such ticks; SiD's loop: [0, 10, ..., 100] with snap_ticks 50
+    #: Keep every N-th snapshot, the newest and, with snapshot_keep_best, the best by that eval key
+    #: (snapshot_best_mode 'min' | 'max'); delete the rest. 0 = keep all.
     snapshot_keep_every: int = 0
     snapshot_keep_best: Optional[str] = None
     snapshot_best_mode: str = 'min'
-    state_ticks: int = 10
-    numbered_state_ticks: int = 0
+    state_ticks: int = 10  # training state every N ticks and at the end
+    numbered_state_ticks: int = 0  # also keep training-state-<kimg>.pt every N ticks; 0 = never
+    #: Stop after this many consecutive iterations in which a phase kept no sample or had a non-finite loss, checked
+    #: every tick; 0 = never.
     max_bad_iterations: int = 20
+    # Randomness.
     seed: int = 0
-    rng: str = 'per_sample'
-    label_probs: Optional[list] = None
+    rng: str = 'per_sample'  # see RNG_SCHEMES
+    label_probs: Optional[list] = None  # class probabilities; None = uniform
+    # Start.
+    #: None = G and the fake score copy the teacher; a mapping of G_INIT_DEFAULTS keys = first regress G on the
+    #: teacher's own sampler (see sidlib.distill.init).
     g_init: Optional[dict] = None
-    precision: str = 'fp32'
-    device: str = 'auto'
+    # Numerics / performance.
+    precision: str = 'fp32'  # see sidlib.networks.set_precision
+    device: str = 'auto'  # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
     channels_last: bool = False
     compile: bool = False
-    attention: Optional[str] = None
+    attention: Optional[str] = None  # None = the networks' default
     fused_adam: bool = False
     num_threads: Optional[int] = None
+    # Outputs.
     run_dir: Optional[str] = None
+    #: 'package.module:function' of an installed module, called as fn(G_ema, kimg) -> dict at snapshots; with
+    #: eval_kwargs it is a factory called once as fn(**eval_kwargs).
     eval_fn: Optional[str] = None
     eval_kwargs: Optional[dict] = None
-    grid_size: int = 64
-    progress: bool = True
+    grid_size: int = 64  # images in the PNG sample grid; 0 = none
+    progress: bool = True  # tqdm bar
     resume: bool = True
 
     @classmethod
-    def from_dict(cls, d: Optional[dict] = None, *, where: str = '', **overrides) -> 'DistillConfig':
+    def from_dict(cls, d: Optional[dict] = None, *, where: str = '') -> 'DistillConfig':
         """Build and type-check a config from plain data; unknown keys and wrong types raise ConfigError naming the
         key, prefixed by ``where`` (e.g. ``'digits.distill.'``)."""
-        d = {**(d or {}), **overrides}
+        d = d or {}
         hints = typing.get_type_hints(cls)
         unknown = sorted(set(d) - set(hints))
         if unknown:
@@ -134,7 +124,7 @@ class DistillConfig:
         return cls(**{k: _coerce(where + k, v, hints[k]) for k, v in d.items()})
 
     def to_dict(self) -> dict:
-        return copy.deepcopy(dataclasses.asdict(self))
+        return dataclasses.asdict(self)  # a deep copy
 
     def replace(self, **changes) -> 'DistillConfig':
         return DistillConfig.from_dict({**self.to_dict(), **changes})
@@ -157,44 +147,45 @@ class DistillConfig:
             if not cond:
                 errs.append(f'{where}{key}: {msg}')
 
+        def check(key, ok, what, null=False):
+            v = getattr(self, key)
+            need(null and v is None or ok(v), key, f'must be {what}, got {v!r}')
+
+        def positive(v):
+            return v > 0
+
         need(isinstance(self.teacher, str) and self.teacher.strip() != '', 'teacher', 'a teacher source is required')
-        need(math.isfinite(self.alpha) and -10 <= self.alpha <= 10, 'alpha', f'must be finite in [-10, 10], got {self.alpha}')
-        need(math.isfinite(self.tmax) and 0 < self.tmax <= 1000, 'tmax', f'must be in (0, 1000], got {self.tmax}')
-        need(math.isfinite(self.init_sigma) and 0 < self.init_sigma <= 1000, 'init_sigma',
-             f'must be in (0, 1000], got {self.init_sigma}')
-        need(self.batch > 0, 'batch', f'must be positive, got {self.batch}')
-        need(self.batch_gpu is None or self.batch_gpu > 0, 'batch_gpu', f'must be positive, got {self.batch_gpu}')
+        check('alpha', lambda v: math.isfinite(v) and -10 <= v <= 10, 'finite in [-10, 10]')
+        for key in ('tmax', 'init_sigma'):
+            check(key, lambda v: math.isfinite(v) and 0 < v <= 1000, 'in (0, 1000]')
+        check('batch', positive, 'positive')
+        check('batch_gpu', positive, 'positive', null=True)
         if self.batch > 0 and (self.batch_gpu is None or self.batch_gpu > 0):
             per = self.batch_gpu if self.batch_gpu is not None else self.batch // max(world_size, 1)
             need(per > 0 and self.batch % (per * world_size) == 0, 'batch',
                  f'batch {self.batch} must be divisible by batch_gpu ({self.batch_gpu}) x world size ({world_size})')
         for key in ('lr', 'glr', 'ls', 'lsg', 'adam_eps'):
-            v = getattr(self, key)
-            need(v is None and key == 'adam_eps' or math.isfinite(v) and v > 0, key, f'must be positive, got {v}')
-        for key in ('g_beta1', 'beta2'):
-            need(0 <= getattr(self, key) < 1, key, f'must be in [0, 1), got {getattr(self, key)}')
-        need(self.dropout is None or 0 <= self.dropout < 1, 'dropout', f'must be in [0, 1), got {self.dropout}')
-        need(0 <= self.augment_p <= 1, 'augment_p', f'must be in [0, 1], got {self.augment_p}')
-        need(self.ema_halflife_kimg >= 0, 'ema_halflife_kimg', f'must be >= 0, got {self.ema_halflife_kimg}')
-        need(self.ema_rampup is None or self.ema_rampup > 0, 'ema_rampup',
-             f'must be positive or null, got {self.ema_rampup}')
+            check(key, lambda v: math.isfinite(v) and v > 0, 'positive', null=key == 'adam_eps')
+        for key in ('g_beta1', 'beta2', 'dropout'):
+            check(key, lambda v: 0 <= v < 1, 'in [0, 1)', null=key == 'dropout')
+        check('augment_p', lambda v: 0 <= v <= 1, 'in [0, 1]')
+        check('ema_halflife_kimg', lambda v: v >= 0, '>= 0')
+        check('ema_rampup', positive, 'positive or null', null=True)
         need((self.iterations is None) != (self.duration_kimg is None), 'iterations',
              'give exactly one of iterations / duration_kimg')
-        need(self.iterations is None or self.iterations > 0, 'iterations', f'must be positive, got {self.iterations}')
-        need(self.duration_kimg is None or self.duration_kimg > 0, 'duration_kimg',
-             f'must be positive, got {self.duration_kimg}')
-        need(self.tick_kimg > 0, 'tick_kimg', f'must be positive, got {self.tick_kimg}')
+        for key in ('iterations', 'duration_kimg'):
+            check(key, positive, 'positive', null=True)
+        check('tick_kimg', positive, 'positive')
         for key in ('snap_ticks', 'state_ticks', 'numbered_state_ticks', 'grid_size', 'snapshot_keep_every',
                     'max_bad_iterations'):
-            need(getattr(self, key) >= 0, key, f'must be >= 0, got {getattr(self, key)}')
-        need(self.extra_snap_ticks is None or all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                  for t in self.extra_snap_ticks), 'extra_snap_ticks',
-             f'must be a list of tick numbers >= 0, got {self.extra_snap_ticks!r}')
-        need(self.seed >= 0, 'seed', f'must be >= 0, got {self.seed}')
+            check(key, lambda v: v >= 0, '>= 0')
+        check('extra_snap_ticks', lambda v: all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v),
+              'a list of tick numbers >= 0', null=True)
+        check('seed', lambda v: v >= 0, '>= 0')
         for key, choices in (('rng', RNG_SCHEMES), ('precision', ('fp32', 'bf16', 'fp16')), ('attention', (
                 None, 'math', 'sdpa')), ('loss_scaler', ('static', 'dynamic')), ('snapshot_best_mode', ('min', 'max'))):
-            need(getattr(self, key) in choices, key, f'must be one of {choices}, got {getattr(self, key)!r}')
-        need(self.num_threads is None or self.num_threads > 0, 'num_threads', f'must be positive, got {self.num_threads}')
+            check(key, lambda v: v in choices, f'one of {choices}')
+        check('num_threads', positive, 'positive', null=True)
         if self.g_init is not None:
             bad = sorted(set(self.g_init) - set(G_INIT_DEFAULTS))
             need(not bad, 'g_init', f'unknown key(s) {bad}; valid: {sorted(G_INIT_DEFAULTS)}')
@@ -212,10 +203,9 @@ class DistillConfig:
         dev = self.device
         need(dev in ('auto', 'cpu', 'cuda') or dev.startswith('cuda:'), 'device',
              f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {dev!r}")
-        if dev.startswith('cuda') and not torch.cuda.is_available():
-            errs.append(f'{where}device: {dev!r} requested but CUDA is not available')
-        if self.eval_fn is not None:
-            need(':' in self.eval_fn, 'eval_fn', "must look like 'package.module:function'")
+        need(not dev.startswith('cuda') or torch.cuda.is_available(), 'device',
+             f'{dev!r} requested but CUDA is not available')
+        need(self.eval_fn is None or ':' in self.eval_fn, 'eval_fn', "must look like 'package.module:function'")
         if errs:
             raise ConfigError('invalid distillation config:\n  ' + '\n  '.join(errs))
 
@@ -229,23 +219,19 @@ def _coerce(key: str, value, tp):
         if optional:
             return None
         raise ConfigError(f'{key}: must not be null')
-    accepts, what, convert = _FIELD_TYPES.get(typing.get_origin(tp) or tp, _FIELD_TYPES[list])
+    accepts, what, convert = _FIELD_TYPES[tp]
     if not accepts(value):
         raise ConfigError(f'{key}: expected {what}, got {value!r}')
     return convert(value)
 
 
-def _same(value):
-    return value
-
-
-#: Annotation -> (accepts the value, what is expected, conversion); any other annotation is a list.
+#: Annotation -> (accepts the value, what is expected, conversion).
 _FIELD_TYPES = {
-    bool: (lambda v: isinstance(v, bool), 'true/false', _same),
+    bool: (lambda v: isinstance(v, bool), 'true/false', bool),
     int: (lambda v: not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and v.is_integer())),
           'an integer', int),
     float: (lambda v: not isinstance(v, bool) and isinstance(v, (int, float)), 'a number', float),
-    str: (lambda v: isinstance(v, str), 'a string', _same),
+    str: (lambda v: isinstance(v, str), 'a string', str),
     dict: (lambda v: isinstance(v, dict), 'a mapping', copy.deepcopy),
     list: (lambda v: isinstance(v, (list, tuple)), 'a list', list),
 }
@@ -269,7 +255,8 @@ def check_resume(stored: dict, cfg: DistillConfig, stored_teacher: Optional[dict
     shas = [(t or {}).get('sha256') for t in (stored_teacher, teacher)]
     if all(shas) and shas[0] != shas[1]:
         raise ConfigError(f'teacher: cannot resume: the teacher {cfg.teacher!r} has other weights (sha256 '
-                          f'{shas[1][:12]}...) than the one the run directory\'s state was trained with ({shas[0][:12]}...)')
+                          f'{shas[1][:12]}...) than the one the run directory\'s state was trained with '
+                          f'({shas[0][:12]}...)')
     skip = RESUMABLE_CHANGES | ({'teacher'} if all(shas) else set())
 
     def value(config, k):

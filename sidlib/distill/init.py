@@ -21,60 +21,7 @@ from ..io.atomic import atomic_path
 from ..rng import G_INIT_STREAM, derive_seed, randn, random_labels
 from ..sampling import edm_sigmas, generate_onestep, heun_sampler
 
-__all__ = ['teacher_samples', 'regress_generator', 'prefit_fake_score', 'run_g_init']
-
-
-@torch.no_grad()
-def teacher_samples(teacher, n: int, shape, label_dim: int, heun_steps: int, seed: int, device, chunk: int = 4096):
-    """``(z [n, *shape], labels [n, label_dim] | None, x0 [n, *shape])``: Heun samples of the teacher from latents z."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, G_INIT_STREAM, 0))
-    z = randn(n, shape, gen, dtype=torch.float64)
-    labels = random_labels(n, label_dim, gen)
-    sigmas = edm_sigmas(heun_steps)
-    x0 = [heun_sampler(teacher, (z[i:i + chunk] * sigmas[0]).to(device), sigmas,
-                       class_labels=None if labels is None else labels[i:i + chunk].to(device))[0].float()
-          for i in range(0, n, chunk)]
-    return z.float().to(device), (None if labels is None else labels.to(device)), torch.cat(x0)
-
-
-def regress_generator(G, z, labels, x0, *, init_sigma: float, steps: int, batch: int, lr: float, seed: int) -> float:
-    """Adam on ``mean ||G(init_sigma z) - x0||^2`` over random minibatches; returns the last minibatch's loss."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, G_INIT_STREAM, 1))
-    torch.manual_seed(derive_seed(seed, G_INIT_STREAM, 1))  # dropout
-    opt = torch.optim.Adam(G.parameters(), lr=lr)
-    G.train().requires_grad_(True)
-    loss = torch.zeros(())
-    for _ in range(int(steps)):
-        idx = torch.randint(z.shape[0], [int(batch)], generator=gen).to(z.device)
-        out = generate_onestep(G, z[idx], init_sigma, None if labels is None else labels[idx])
-        loss = (out - x0[idx]).square().flatten(1).sum(1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    G.eval()
-    return float(loss.detach())
-
-
-def prefit_fake_score(fake, G, sid_loss, *, init_sigma: float, label_dim: int, steps: int, batch: int, lr: float,
-                      eps: float, seed: int, device) -> float:
-    """``steps`` Adam steps of the fake score's EDM loss on samples of G; returns the last loss per sample."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, G_INIT_STREAM, 2))
-    opt = torch.optim.Adam(fake.parameters(), lr=lr, betas=(0.0, 0.999), eps=eps)
-    shape = [int(G.img_channels), int(G.img_resolution), int(G.img_resolution)]
-    fake.train().requires_grad_(True)
-    G.eval()
-    loss = torch.zeros(())
-    for _ in range(int(steps)):
-        labels = random_labels(batch, label_dim, gen, device=device)
-        with torch.no_grad():
-            x_g = generate_onestep(G, randn(batch, shape, gen, device=device), init_sigma, labels)
-        per_elem, keep = sid_loss.fake_score_loss(fake, x_g, labels, generator=gen)
-        loss = per_elem.sum() / max(int(keep.sum()), 1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    fake.eval().requires_grad_(False)
-    return float(loss.detach())
+__all__ = ['run_g_init']
 
 
 def _cache_file(cfg, settings: dict, nets) -> Path:
@@ -89,8 +36,7 @@ def _cache_file(cfg, settings: dict, nets) -> Path:
 
 
 def run_g_init(cfg, settings: dict, nets, sid_loss, device) -> dict:
-    """The whole start (steps 1-3) for ``nets.G`` and ``nets.fake`` in place, or its cached result; returns a
-    summary for the log."""
+    """Steps 1-3 for ``nets.G`` and ``nets.fake`` in place, or their cached result; returns a summary for the log."""
     cache = _cache_file(cfg, settings, nets) if settings.get('cache_dir') else None
     if cache is not None and cache.is_file():
         state = torch.load(cache, map_location='cpu', weights_only=True)
@@ -101,16 +47,54 @@ def run_g_init(cfg, settings: dict, nets, sid_loss, device) -> dict:
     G, fake, teacher = nets.G, nets.fake, nets.teacher
     shape = [int(G.img_channels), int(G.img_resolution), int(G.img_resolution)]
     label_dim = int(getattr(teacher, 'label_dim', 0) or 0)
-    z, labels, x0 = teacher_samples(teacher, int(settings['pairs']), shape, label_dim, int(settings['heun_steps']),
-                                    cfg.seed, device)
-    mse = regress_generator(G, z, labels, x0, init_sigma=cfg.init_sigma, steps=settings['steps'],
-                            batch=settings['batch'], lr=settings['lr'], seed=cfg.seed)
+
+    # (1) Heun samples x0 of the teacher from latents z.
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, G_INIT_STREAM, 0))
+    n, chunk = int(settings['pairs']), 4096
+    z = randn(n, shape, gen, dtype=torch.float64)
+    labels = random_labels(n, label_dim, gen)
+    sigmas = edm_sigmas(int(settings['heun_steps']))
+    with torch.no_grad():
+        x0 = torch.cat([heun_sampler(teacher, (z[i:i + chunk] * sigmas[0]).to(device), sigmas,
+                                     class_labels=None if labels is None else labels[i:i + chunk].to(device))[0].float()
+                        for i in range(0, n, chunk)])
+    z, labels = z.float().to(device), (None if labels is None else labels.to(device))
+
+    # (2) Adam on mean ||G(init_sigma z) - x0||^2 over random minibatches.
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, G_INIT_STREAM, 1))
+    torch.manual_seed(derive_seed(cfg.seed, G_INIT_STREAM, 1))  # dropout
+    opt = torch.optim.Adam(G.parameters(), lr=settings['lr'])
+    G.train().requires_grad_(True)
+    mse = torch.zeros(())
+    for _ in range(int(settings['steps'])):
+        idx = torch.randint(n, [int(settings['batch'])], generator=gen).to(device)
+        out = generate_onestep(G, z[idx], cfg.init_sigma, None if labels is None else labels[idx])
+        mse = (out - x0[idx]).square().flatten(1).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        mse.backward()
+        opt.step()
+    G.eval()
+
+    # (3) The fake score's EDM loss on samples of G, per kept sample.
     if nets.provenance.get('kind') == 'in-process':
         fake.load_state_dict(G.state_dict())  # no teacher weights to start from: the fake score starts as G
-    fake_loss = prefit_fake_score(fake, G, sid_loss, init_sigma=cfg.init_sigma, label_dim=label_dim,
-                                  steps=settings['fake_steps'], batch=cfg.batch, lr=cfg.lr,
-                                  eps=cfg.resolved_adam_eps(), seed=cfg.seed, device=device)
-    record = {'g_init_mse': mse, 'g_init_fake_loss': fake_loss, 'g_init_seconds': time.perf_counter() - t0}
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, G_INIT_STREAM, 2))
+    opt = torch.optim.Adam(fake.parameters(), lr=cfg.lr, betas=(0.0, 0.999), eps=cfg.resolved_adam_eps())
+    fake.train().requires_grad_(True)
+    fake_loss = torch.zeros(())
+    for _ in range(int(settings['fake_steps'])):
+        c = random_labels(cfg.batch, label_dim, gen, device=device)
+        with torch.no_grad():
+            x_g = generate_onestep(G, randn(cfg.batch, shape, gen, device=device), cfg.init_sigma, c)
+        per_elem, keep = sid_loss.fake_score_loss(fake, x_g, c, generator=gen)
+        fake_loss = per_elem.sum() / max(int(keep.sum()), 1)
+        opt.zero_grad(set_to_none=True)
+        fake_loss.backward()
+        opt.step()
+    fake.eval().requires_grad_(False)
+
+    record = {'g_init_mse': float(mse.detach()), 'g_init_fake_loss': float(fake_loss.detach()),
+              'g_init_seconds': time.perf_counter() - t0}
     if cache is not None:
         with atomic_path(cache) as tmp:
             torch.save({'G': G.state_dict(), 'fake': fake.state_dict(), 'record': record}, tmp)

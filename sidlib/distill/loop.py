@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .. import distributed as dist_utils
 from ..augment import AugmentPipe
 from ..ema import ema_beta, update_ema
+from ..io.atomic import atomic_path
 from ..io.checkpoints import save_network
 from ..io.jsonio import write_json
 from ..io.logs import JsonlLogger
@@ -37,17 +38,24 @@ from ..losses import finite_sample_mask
 from ..networks import set_attention_backend, set_precision
 from ..rng import (DROPOUT_STREAM, PHASE_FAKE, PHASE_G, RANK_STREAM, BatchStream, derive_seed, inputs_for_seeds,
                    randn, random_labels, reseed_global, sample_generators)
-from ..sampling import generate_onestep
+from ..sampling import augment_dim, generate_onestep
 from ..sid_loss import SiDLoss
 from .config import G_INIT_DEFAULTS, ConfigError, DistillConfig, check_resume
 from .init import run_g_init
-from .setup import augment_dim, build_nets, clean_grads, load_eval_fn, resolve_device
+from .setup import build_nets, clean_grads, load_eval_fn, resolve_device
 
 __all__ = ['distill', 'TrainingFault', 'STATE_FILE', 'LOG_FILE', 'CONFIG_FILE']
 
 STATE_FILE = 'training-state.pt'
 LOG_FILE = 'log.jsonl'
 CONFIG_FILE = 'config.json'
+
+#: Summed per iteration, then per tick, on the device (a tick costs one synchronisation): each phase's kept samples
+#: and loss sum, the per-step counts (the same on every process) and the fault bookkeeping.
+STATS = ('kept_fake', 'loss_fake', 'kept_G', 'loss_G', 'nonfinite_grads_fake', 'nonfinite_grads_G',
+         'skipped_steps_fake', 'skipped_steps_G', 'bad_iterations', 'fault')
+PER_STEP = STATS[4:8]
+KEPT, LOSSES = slice(0, 4, 2), slice(1, 4, 2)  # STATS[KEPT]: kept_fake, kept_G; STATS[LOSSES]: loss_*
 
 
 class TrainingFault(RuntimeError):
@@ -91,33 +99,6 @@ def distill(config, run_dir: Optional[str | os.PathLike] = None, *, eval_fn: Opt
         torch.set_num_threads(old_threads)
 
 
-class TickStats:
-    """Per-tick sums, kept on the device so that a tick costs one synchronisation."""
-
-    ITERATION = ('kept_fake', 'loss_fake', 'kept_G', 'loss_G')  # one vector per iteration (:meth:`add_iteration`)
-    NAMES = ITERATION + ('nonfinite_grads_fake', 'nonfinite_grads_G', 'skipped_steps_fake', 'skipped_steps_G',
-                         'bad_iterations', 'fault')
-    PER_STEP = ('nonfinite_grads_fake', 'nonfinite_grads_G', 'skipped_steps_fake', 'skipped_steps_G')
-
-    def __init__(self, device):
-        self.sums = torch.zeros(len(self.NAMES), dtype=torch.float64, device=device)
-
-    def add(self, name: str, value) -> None:
-        self.sums[self.NAMES.index(name)] += value
-
-    def add_iteration(self, sums: torch.Tensor) -> None:
-        """Add one iteration's sums, ordered as :attr:`ITERATION`."""
-        self.sums[:len(self.ITERATION)] += sums
-
-    def collect(self, world: int, images: int) -> dict:
-        """Sums over all processes, then reset (per-step counts are identical on every rank); ``images``: samples
-        drawn per phase in the tick, over all processes (the ones not kept were non-finite)."""
-        out = dict(zip(self.NAMES, dist_utils.all_reduce_sum(self.sums.clone()).tolist()))
-        self.sums.zero_()
-        out = {k: v / world if k in self.PER_STEP else v for k, v in out.items()}
-        return {**out, 'nan_samples_fake': images - out['kept_fake'], 'nan_samples_G': images - out['kept_G']}
-
-
 def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state: Optional[dict], eval_fn) -> Path:
     rank, world = dist_utils.rank(), dist_utils.world_size()
     main_proc = rank == 0
@@ -151,8 +132,7 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
     scaler_fake, scaler_G = (torch.amp.GradScaler(device.type, enabled=cfg.loss_scaler == 'dynamic') for _ in 'fG')
 
     logger = JsonlLogger(run_dir / LOG_FILE, enabled=main_proc)
-    totals = {k: 0 for k in ('nan_samples_fake', 'nan_samples_G', 'nonfinite_grads_fake', 'nonfinite_grads_G',
-                             'skipped_steps_fake', 'skipped_steps_G', 'bad_iterations')}
+    totals = dict.fromkeys(('nan_samples_fake', 'nan_samples_G', *PER_STEP, 'bad_iterations'), 0)
     start_it, cur_nimg, tick, tick_start_nimg, snapshots = 0, 0, 0, 0, []
     stateful = {'G': G, 'fake': fake, 'G_ema': G_ema, 'opt_G': opt_G, 'opt_fake': opt_fake, 'scaler_G': scaler_G,
                 'scaler_fake': scaler_fake}  # training-state key -> object
@@ -196,8 +176,7 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
         elif cfg.rng == 'per_sample':
             gens = sample_generators(range(first, first + micro), cfg.seed, it, phase)
         else:
-            gens = torch.Generator(device=device)
-            gens.manual_seed(derive_seed(cfg.seed, it, phase, RANK_STREAM + rank, r))
+            gens = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, it, phase, RANK_STREAM + rank, r))
         labels = random_labels(micro, label_dim, gens, device=device, probs=cfg.label_probs)
         z = randn(micro, shape, gens, device=device).to(memory_format=mem_fmt)
         reseed_global(derive_seed(cfg.seed, it, phase, DROPOUT_STREAM, rank, r), device)
@@ -205,6 +184,17 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
 
     def no_sync_unless_last(module, r):  # gradient accumulation: DDP all-reduces on the last micro-batch only
         return module.no_sync() if module is not None and r < rounds - 1 else contextlib.nullcontext()
+
+    def add(name, value):  # to this iteration's statistics
+        it_sums[STATS.index(name)] += value
+
+    def step(opt, scaler, params, kind):  # a dynamic scaler may skip the step (a disabled one only steps)
+        bad = clean_grads(params, scaler, opt)
+        add(f'nonfinite_grads_{kind}', bad)
+        if scaler.is_enabled():
+            add(f'skipped_steps_{kind}', (bad > 0).double())
+        scaler.step(opt)
+        scaler.update()
 
     def snapshot(it_done, metrics):
         kimg = cur_nimg // 1000
@@ -230,27 +220,17 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
                 'streams': {'scheme': cfg.rng, 'seed': cfg.seed, 'position': it_done},
                 'world_size': world, 'teacher': nets.provenance}
 
-    def step(opt, scaler, params, kind):  # a dynamic scaler may skip the step
-        bad = clean_grads(params, scaler if scaler.is_enabled() else None, opt)
-        stats.add(f'nonfinite_grads_{kind}', bad)
-        if scaler.is_enabled():
-            stats.add(f'skipped_steps_{kind}', (bad > 0).double())
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-
     if state is None and main_proc and cfg.grid_size > 0:
         _save_grid(run_dir / 'fakes_init.png', G_ema, cfg, label_dim, device, micro)
     pbar = tqdm(total=total_iters, initial=start_it, disable=not (main_proc and cfg.progress), unit='it',
                 dynamic_ncols=True, desc='SiD')
-    stats = TickStats(device)
+    tick_sums = torch.zeros(len(STATS), dtype=torch.float64, device=device)
     streak = torch.zeros((), dtype=torch.float64, device=device)  # consecutive bad iterations, on the device
     snap_at = set(cfg.extra_snap_ticks or ())
     tick_t0, tick_iters = time.time(), 0
 
     for it in range(start_it, total_iters):
-        it_sums = torch.zeros(len(TickStats.ITERATION), dtype=torch.float64, device=device)  # as TickStats.ITERATION
+        it_sums = torch.zeros_like(tick_sums)
         # ---- 1. fake-score step ----------------------------------------------------------------------------
         G.eval()
         fake.train().requires_grad_(True)
@@ -263,7 +243,8 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
             with no_sync_unless_last(ddp_fake, r):
                 loss, keep = sid_loss.fake_score_loss(fake_train, x_g, labels, generator=gens)
                 scaler_fake.scale(loss.sum() * (cfg.ls / per_rank)).backward()
-            it_sums[:2] += torch.stack([keep.sum(), loss.detach().sum()]).double()
+            add('kept_fake', keep.sum())
+            add('loss_fake', loss.detach().sum())
         fake.eval().requires_grad_(False)
         step(opt_fake, scaler_fake, list(fake.parameters()), 'fake')
 
@@ -286,7 +267,8 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
                     x_g = torch.full_like(x_g, math.nan).index_put((ok,), x_ok)
                     loss, keep = sid_loss.generator_loss(teacher_run, fake_eval, x_g, labels, generator=gens)
                 scaler_G.scale(loss.sum() * (cfg.lsg / per_rank)).backward()
-            it_sums[2:] += torch.stack([keep.sum(), loss.detach().sum()]).double()
+            add('kept_G', keep.sum())
+            add('loss_G', loss.detach().sum())
         G.eval()
         step(opt_G, scaler_G, list(G.parameters()), 'G')
 
@@ -297,18 +279,22 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
         it_done = it + 1
         tick_iters += 1
         pbar.update(1)
-        stats.add_iteration(it_sums)
-        bad = ((it_sums[0::2] == 0) | ~torch.isfinite(it_sums[1::2])).any().double()
+        bad = ((it_sums[KEPT] == 0) | ~torch.isfinite(it_sums[LOSSES])).any().double()
         streak = (streak + 1) * bad
-        stats.add('bad_iterations', bad)
+        add('bad_iterations', bad)
         if cfg.max_bad_iterations > 0:
-            stats.add('fault', (streak >= cfg.max_bad_iterations).double())
+            add('fault', (streak >= cfg.max_bad_iterations).double())
+        tick_sums += it_sums
 
         # ---- tick maintenance: log, fault check, snapshot + evaluation, retention, training state ----------
         done = it_done == total_iters
         if not (tick == 0 or done or cur_nimg >= tick_start_nimg + cfg.tick_kimg * 1000):
             continue
-        s = stats.collect(world, tick_iters * cfg.batch)
+        s = dict(zip(STATS, dist_utils.all_reduce_sum(tick_sums).tolist()))
+        tick_sums.zero_()
+        s = {k: v / world if k in PER_STEP else v for k, v in s.items()}
+        images = tick_iters * cfg.batch  # drawn per phase in the tick, over all processes
+        s.update(nan_samples_fake=images - s['kept_fake'], nan_samples_G=images - s['kept_G'])
         for k in totals:
             totals[k] += int(s[k])
         dt = time.time() - tick_t0
@@ -317,7 +303,7 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
             'loss_fake': s['loss_fake'] / s['kept_fake'] if s['kept_fake'] else None,
             'loss_G': s['loss_G'] / s['kept_G'] if s['kept_G'] else None,
             **{k: int(s[k]) for k in totals}, 'totals': dict(totals), 'ema_beta': beta, 'sec_per_tick': dt,
-            'sec_per_iter': dt / max(tick_iters, 1), 'images_per_sec': tick_iters * cfg.batch / max(dt, 1e-9),
+            'sec_per_iter': dt / max(tick_iters, 1), 'images_per_sec': images / max(dt, 1e-9),
             'loss_scale_G': float(scaler_G.get_scale()) if scaler_G.is_enabled() else None, 'time': time.time(),
         }
         if device.type == 'cuda':
@@ -328,7 +314,7 @@ def _train(cfg: DistillConfig, nets, device: torch.device, run_dir: Path, state:
             raise TrainingFault(
                 f'{cfg.max_bad_iterations} consecutive iterations (up to iteration {it_done}) kept no sample in a '
                 f'phase or had a non-finite loss; this tick kept {int(s["kept_fake"])} fake-score and '
-                f'{int(s["kept_G"])} generator samples of {tick_iters * cfg.batch} each (non-finite teacher, G or '
+                f'{int(s["kept_G"])} generator samples of {images} each (non-finite teacher, G or '
                 f'fake-score outputs?). Set max_bad_iterations=0 to run on regardless.')
         if done or (cfg.snap_ticks > 0 and tick % cfg.snap_ticks == 0) or tick in snap_at:
             if main_proc:
@@ -387,12 +373,9 @@ def _save_grid(path: Path, G_ema, cfg: DistillConfig, label_dim: int, device, ch
     if cfg.grid_size <= 0 or C not in (1, 3) or R < 4:
         return
     from torchvision.utils import save_image
-
-    from ..io.atomic import atomic_path
-    seeds = list(range(cfg.grid_size))
-    imgs = []
-    for i in range(0, len(seeds), chunk):
-        inputs = inputs_for_seeds(seeds[i:i + chunk], [C, R, R], label_dim, device)
+    n, imgs = cfg.grid_size, []
+    for i in range(0, n, chunk):
+        inputs = inputs_for_seeds(range(i, min(i + chunk, n)), [C, R, R], label_dim, device)
         imgs.append(generate_onestep(G_ema, inputs.latents, cfg.init_sigma, inputs.labels).float().cpu())
     with atomic_path(path) as tmp:
-        save_image((torch.cat(imgs).clamp(-1, 1) + 1) / 2, tmp, format='png', nrow=math.ceil(math.sqrt(len(seeds))))
+        save_image((torch.cat(imgs).clamp(-1, 1) + 1) / 2, tmp, format='png', nrow=math.ceil(math.sqrt(n)))

@@ -19,11 +19,10 @@ from ..io import registry
 from ..io.checkpoints import CheckpointError, effective_kwargs, load_network, read_network_meta
 from ..networks import build_network
 from ..rng import STUDENT_INIT_STREAM, derive_seed
-from ..sampling import augment_dim
 from .config import ConfigError, DistillConfig, normalise
 
 __all__ = ['Nets', 'register_teacher', 'registered_teachers', 'build_nets', 'resolve_device', 'clean_grads',
-           'load_eval_fn', 'augment_dim']
+           'load_eval_fn']
 
 _TEACHER_FACTORIES: Dict[str, Callable[[], torch.nn.Module]] = {}
 
@@ -59,12 +58,6 @@ def _mismatch(expected: dict, stored: dict) -> List[str]:
     return sorted(k for k, v in expected.items() if k not in stored or normalise(stored[k]) != normalise(v))
 
 
-def _is_checkpoint_source(src: str) -> bool:
-    if registry.is_url(src) or src in registry.registered_names() or Path(src).expanduser().exists():
-        return True
-    return any(Path(src + suffix).is_file() for suffix in ('.safetensors', '.json', '.pkl'))
-
-
 def build_nets(cfg: DistillConfig) -> Nets:
     """Load or instantiate the teacher and build G and the fake score; raises ConfigError on bad input (also on a
     NaN or infinite weight: such a run would only drop samples)."""
@@ -77,7 +70,9 @@ def build_nets(cfg: DistillConfig) -> Nets:
 
 
 def _checkpoint_nets(cfg: DistillConfig) -> Nets:
-    if not _is_checkpoint_source(cfg.teacher):
+    src = cfg.teacher
+    if not (registry.is_url(src) or src in registry.registered_names() or Path(src).expanduser().exists()
+            or any(Path(src + suffix).is_file() for suffix in ('.safetensors', '.json', '.pkl'))):
         raise ConfigError(f'teacher: unknown teacher {cfg.teacher!r}: not a file, directory, URL, registered '
                           f'checkpoint name, or in-process teacher ({registered_teachers()})')
     try:
@@ -159,11 +154,10 @@ def clean_grads(params, scaler=None, opt=None) -> torch.Tensor:
     dev = grads[0].device
     found = torch.zeros(1, device=dev)
     torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=dev))
-    bad = torch.zeros((), dtype=torch.long, device=dev)
     if found.item() == 0:
-        return bad
+        return torch.zeros((), dtype=torch.long, device=dev)
+    bad = sum((~torch.isfinite(g)).sum() for g in grads)
     for g in grads:
-        bad += (~torch.isfinite(g)).sum()
         torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
     return bad
 

@@ -42,18 +42,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ``save_file``); on normal exit it is renamed onto ``path``, if the block raises it is deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     os.close(fd)
-    tmp_path = Path(tmp)
+    tmp = Path(name)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp_path, file_mode())  # after writing: a writer may have replaced the file we created
-        os.replace(tmp_path, path)
+        os.chmod(tmp, file_mode())  # after writing: a writer may have replaced the file we created
+        os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 
@@ -97,9 +96,7 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
             shutil.copyfile(src, tmp)
             os.chmod(tmp, file_mode())
         os.replace(tmp, dst)
-        tmp.unlink(missing_ok=True)  # rename() of two links to one file succeeds without removing tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)  # also on success: rename() of two links to one file leaves tmp in place
     _fsync_dir(dst.parent)
     return dst

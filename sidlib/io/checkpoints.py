@@ -8,8 +8,7 @@ the network is built and loaded strictly.
 
 Our format (``FORMAT``): safetensors weights (metadata ``{'format': FORMAT}`` only, so identical weights give
 identical bytes) and a JSON sidecar ``{"format", "class_name", "init_kwargs", "meta", "weights", "weights_sha256",
-"num_tensors"}``, written atomically, the sidecar last.
-"""
+"num_tensors"}``, written atomically, the sidecar last."""
 
 from __future__ import annotations
 
@@ -22,16 +21,17 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.nn.modules import module as _torch_module
 
 from .. import networks
-from .atomic import atomic_path, atomic_write_text
+from .atomic import atomic_path
 from .download import _read_record, file_sha256
 from .edm_pickle import CheckpointError, PersistentRecord, TensorInfo, UnsafePickleError, read_edm_pickle, short_repr
 from .edm_records import network_from_record, plain_value
-from .jsonio import to_jsonable
+from .jsonio import to_jsonable, write_json
 from .registry import (OTHER_EDM_PICKLES, SID_GENERATOR_INFO, SID_GENERATORS, TEACHER_ALIASES, TEACHERS,
                        resolve_source)
 
@@ -97,9 +97,6 @@ def _read_sidecar(json_path: Path) -> dict:
 
 
 def _read_sidlib(weights: Path, load_tensors: bool) -> tuple[str, dict, dict, dict, str | None]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     doc = _read_sidecar(weights.with_suffix(".json"))
     if not weights.is_file():
         raise CheckpointError(f"missing weights file {weights} for sidecar {weights.with_suffix('.json')}")
@@ -130,27 +127,25 @@ def _read_pickle(path: Path, load_tensors: bool, prov: dict) -> tuple[str, dict,
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     meta: dict[str, Any] = {}
-    if prov.get("name") in SID_GENERATOR_INFO:
-        info = SID_GENERATOR_INFO[prov["name"]]
+    if info := SID_GENERATOR_INFO.get(prov.get("name")):
         meta.update({k: info[k] for k in ("alpha", "kimg", "images_seen", "init_sigma", "teacher")})
     elif m := _SID_SNAPSHOT_NAME.search(path.name) or _SID_SNAPSHOT_NAME.search(prov.get("url", "")):
         meta.update(alpha=float(m.group(1)), kimg=int(m.group(2)), images_seen=int(m.group(2)) * 1000)
+    sha = _read_record(path) or file_sha256(path)
     kind = "edm-network-snapshot" if {"loss_fn", "augment_pipe", "dataset_kwargs"} & set(data) else "sid-snapshot"
-    extra: dict[str, Any] = {"kind": kind}
+    prov = {**prov, "path": str(path), "format": "edm-pickle", "sha256": sha, "kind": kind}
     for key in ("loss_fn", "augment_pipe"):
         rec = data.get(key)
         if isinstance(rec, PersistentRecord):
             # Informational only: an exotic value here must not block loading the network.
             with contextlib.suppress(CheckpointError, AttributeError):
-                extra[key] = {"class_name": rec.class_name,
-                              "init_kwargs": plain_value(rec.state.get("_init_kwargs") or {}, key)}
+                prov[key] = {"class_name": rec.class_name,
+                             "init_kwargs": plain_value(rec.state.get("_init_kwargs") or {}, key)}
     if isinstance(data.get("dataset_kwargs"), Mapping):
         with contextlib.suppress(CheckpointError):
-            extra["dataset_kwargs"] = plain_value(data["dataset_kwargs"], "dataset_kwargs")
-    extra["module_src_sha256"] = data["ema"].module_src_sha256
-    meta["provenance"] = {**prov, "path": str(path), "format": "edm-pickle",
-                          "sha256": _read_record(path) or file_sha256(path), **extra}
-    return class_name, init_kwargs, sd, meta, meta["provenance"]["sha256"]
+            prov["dataset_kwargs"] = plain_value(data["dataset_kwargs"], "dataset_kwargs")
+    meta["provenance"] = {**prov, "module_src_sha256": data["ema"].module_src_sha256}
+    return class_name, init_kwargs, sd, meta, sha
 
 
 def _read(source, cache_dir, load_tensors: bool):
@@ -158,9 +153,8 @@ def _read(source, cache_dir, load_tensors: bool):
     path, prov = resolve_source(source, cache_dir=cache_dir)
     try:
         kind, file = _locate(path)
-        if kind == "sidlib":
-            return *_read_sidlib(file, load_tensors), file, kind
-        return *_read_pickle(file, load_tensors, prov), file, kind
+        read = _read_sidlib(file, load_tensors) if kind == "sidlib" else _read_pickle(file, load_tensors, prov)
+        return *read, file, kind
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
 
@@ -200,19 +194,16 @@ def _listing(keys, limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-class _TooBig(Exception):
-    pass
-
-
 class _ScalarsOnCPU(torch.overrides.TorchFunctionMode):
     """Inside ``torch.device('meta')``: 0-d tensors made from Python numbers are made on the CPU, so a constructor
     can read them back (VPPrecond computes its sigma range with ``float``)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if (isinstance(out, torch.Tensor) and out.is_meta and out.dim() == 0 and (kwargs or {}).get("device") is None
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if (isinstance(out, torch.Tensor) and out.is_meta and out.dim() == 0 and kwargs.get("device") is None
                 and not any(isinstance(a, torch.Tensor) for a in args)):
-            out = func(*args, **{**(kwargs or {}), "device": "cpu"})
+            out = func(*args, **{**kwargs, "device": "cpu"})
         return out
 
 
@@ -230,7 +221,8 @@ def _reference(class_name: str, init_kwargs: dict, stored: int, where: str) -> d
     def hook(*args):
         count[0] += threading.get_ident() == me
         if count[0] > limit:
-            raise _TooBig
+            raise CheckpointError(f"the kwargs stored in {where} describe a {class_name} with far more modules and "
+                                  f"tensors than the {stored} tensors stored; refused before allocating it")
 
     handles = [reg(hook) for reg in (_torch_module.register_module_module_registration_hook,
                                      _torch_module.register_module_parameter_registration_hook,
@@ -238,9 +230,8 @@ def _reference(class_name: str, init_kwargs: dict, stored: int, where: str) -> d
     try:
         with torch.device("meta"), _ScalarsOnCPU():
             net = networks.build_network(class_name, init_kwargs)
-    except _TooBig:
-        raise CheckpointError(f"the kwargs stored in {where} describe a {class_name} with far more modules and "
-                              f"tensors than the {stored} tensors stored; refused before allocating it") from None
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"cannot build {class_name} from the kwargs stored in {where}: "
                               f"{type(e).__name__}: {str(e)[:300]}") from None
@@ -251,11 +242,6 @@ def _reference(class_name: str, init_kwargs: dict, stored: int, where: str) -> d
         _REFERENCES.pop(next(iter(_REFERENCES)))
     _REFERENCES[key] = {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
     return _REFERENCES[key]
-
-
-def _meta_tensors_left(net: torch.nn.Module) -> bool:
-    return any(t.is_meta for t in list(net.parameters()) + list(net.buffers())) or any(
-        isinstance(v, torch.Tensor) and v.is_meta for m in net.modules() for v in vars(m).values())
 
 
 def _build(class_name: str, init_kwargs: dict, sd: Mapping, where: str) -> torch.nn.Module:
@@ -278,7 +264,9 @@ def _build(class_name: str, init_kwargs: dict, sd: Mapping, where: str) -> torch
             with torch.device("meta"), _ScalarsOnCPU():
                 net = networks.build_network(class_name, init_kwargs)
             net.load_state_dict(cast, strict=True, assign=True)
-            net = None if _meta_tensors_left(net) else net
+            # A tensor outside the state_dict (a non-persistent buffer, a plain attribute) is left on meta: rebuild.
+            tensors = [*net.parameters(), *net.buffers(), *(v for m in net.modules() for v in vars(m).values())]
+            net = None if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors) else net
         if net is None:  # the shapes match the stored tensors now, so this allocates what the file holds
             try:
                 net = networks.build_network(class_name, init_kwargs)
@@ -310,7 +298,7 @@ def read_network_meta(source, *, cache_dir=None) -> dict:
     class_name, init_kwargs, sd, meta, sha, file, kind = _read(source, cache_dir, load_tensors=False)
     return {"format": FORMAT if kind == "sidlib" else "edm-pickle", "class_name": class_name,
             "init_kwargs": init_kwargs, "meta": meta, "path": str(file), "num_tensors": len(sd),
-            "num_elements": int(sum(np.prod(v.shape, dtype=np.int64) for v in sd.values())),
+            "num_elements": sum(math.prod(v.shape) for v in sd.values()),
             "sha256": sha or file_sha256(file)}
 
 
@@ -325,8 +313,6 @@ def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
 def save_network(path, net: torch.nn.Module, meta: Mapping | None = None) -> Path:
     """Write ``<path>.safetensors`` and ``<path>.json`` of a sidlib network (DDP/compiled wrappers unwrapped) with
     JSON-able ``meta`` (``init_sigma``, ``alpha``, ``kimg``, ``images_seen``, ``provenance``); returns the weights."""
-    from safetensors.torch import save_file
-
     net = _unwrap(net)
     class_name = type(net).__name__
     if class_name not in networks.PRECOND_TYPES or not isinstance(getattr(net, "init_kwargs", None), dict):
@@ -349,7 +335,6 @@ def save_network(path, net: torch.nn.Module, meta: Mapping | None = None) -> Pat
         # One metadata key: safetensors writes metadata in hash order, which differs between processes.
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
         digest = file_sha256(tmp)
-    doc = {"format": FORMAT, "class_name": class_name, "init_kwargs": to_jsonable(dict(net.init_kwargs)),
-           "meta": doc_meta, "weights": weights.name, "weights_sha256": digest, "num_tensors": len(tensors)}
-    atomic_write_text(sidecar, json.dumps(doc, indent=2) + "\n")
+    write_json(sidecar, {"format": FORMAT, "class_name": class_name, "init_kwargs": net.init_kwargs, "meta": doc_meta,
+                         "weights": weights.name, "weights_sha256": digest, "num_tensors": len(tensors)})
     return weights

@@ -6,8 +6,7 @@ incomplete) and ``<name>.lock`` (an ``flock``: concurrent calls for one URL take
 ``.partial`` file and renamed into place once complete (the announced length, a properly ended chunked transfer, or
 the pinned digest) and matching the expected digest. Without length or chunks a truncation cannot be seen: the file
 is returned with a warning and not recorded. A reused entry is re-hashed (once per process while size, mtime and
-inode stay); a damaged or mismatching one is fetched again (:class:`ChecksumError` if the fresh copy differs too).
-"""
+inode stay); a damaged or mismatching one is fetched again (:class:`ChecksumError` if the fresh copy differs too)."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import hashlib
 import http.client
 import os
 import re
-import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
@@ -85,8 +83,7 @@ def cache_lock(path: Path):
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
         for leftover in lock.parent.glob("*" + TEMP_SUFFIX):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+            leftover.unlink(missing_ok=True)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -96,11 +93,12 @@ def cache_lock(path: Path):
 _VERIFIED: dict[Path, tuple[tuple, str]] = {}
 
 
-def _verified_sha256(path: Path) -> str:
+def _verified_sha256(path: Path, digest: str | None = None) -> str:
+    """The sha256 of ``path``: ``digest`` if given (just computed), else hashed unless this process already did."""
     st = path.stat()
     key = (st.st_size, st.st_mtime_ns, st.st_ino)
-    if _VERIFIED.get(path, (None,))[0] != key:
-        _VERIFIED[path] = (key, file_sha256(path))
+    if digest is not None or _VERIFIED.get(path, (None,))[0] != key:
+        _VERIFIED[path] = (key, digest or file_sha256(path))
     return _VERIFIED[path][1]
 
 
@@ -137,8 +135,7 @@ def download(url: str, *, sha256: str | None = None, cache_dir: str | os.PathLik
                 for p in (path, path.with_name(path.name + ".sha256")):
                     p.unlink(missing_ok=True)
             actual, complete = _fetch(url, path, expected, progress)
-            st = path.stat()
-            _VERIFIED[path] = ((st.st_size, st.st_mtime_ns, st.st_ino), actual)
+            _verified_sha256(path, actual)
             if complete:
                 atomic_write_text(path.with_name(path.name + ".sha256"), f"{actual}  {path.name}\n")
             else:
@@ -161,21 +158,19 @@ def _fetch(url: str, path: Path, expected: str | None, progress: bool) -> tuple[
             total = response.headers.get("Content-Length")
             total = int(total) if total and total.isdigit() else None
             chunked = getattr(response, "chunked", False)  # http.client raises IncompleteRead on a cut-off chunk
-            received = 0
             with atomic_open(path, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                                                       desc=path.name, disable=not progress, leave=False) as bar:
                 for chunk in iter(lambda: response.read(_CHUNK), b""):
                     out.write(chunk)
                     h.update(chunk)
-                    received += len(chunk)
                     bar.update(len(chunk))
-                if total is not None and received != total:
-                    raise DownloadError(f"incomplete download of {url}: got {received} of {total} bytes")
+                if total is not None and out.tell() != total:
+                    raise DownloadError(f"incomplete download of {url}: got {out.tell()} of {total} bytes")
                 if expected is not None and h.hexdigest() != expected:
                     raise ChecksumError(f"sha256 mismatch for {url}: expected {expected}, got {h.hexdigest()}; "
                                         "the file was refused and not cached")
     except DownloadError:
         raise
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+    except (http.client.HTTPException, OSError, ValueError) as e:  # urllib's URLError is an OSError
         raise DownloadError(f"could not download {url} into {path}: {e}") from e
     return h.hexdigest(), expected is not None or total is not None or bool(chunked)

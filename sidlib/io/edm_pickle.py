@@ -7,8 +7,7 @@ more than :data:`MAX_NODES` objects (a shared one counted per path), nesting dee
 non-string dict keys and set members, and BUILD on anything but a ModuleDict or numpy dtype. A restricted unpickler
 then makes each persistent object an inert :class:`PersistentRecord`; tensor storages (legacy ``torch.save`` blobs)
 are parsed and size-checked, read once each, and tensors may not claim more elements than the storages hold. Every
-failure is a :class:`CheckpointError` naming the file.
-"""
+failure is a :class:`CheckpointError` naming the file."""
 
 from __future__ import annotations
 
@@ -39,8 +38,6 @@ __all__ = ["CheckpointError", "UnsafePickleError", "PersistentRecord", "ModuleDi
 MAX_NODES = 2_000_000
 #: Deepest nesting of containers and calls (EDM's pickles: 35).
 MAX_DEPTH = 200
-#: Most characters in a network's state_dict keys; most values plus characters in plain (kwargs) data.
-MAX_KEY_CHARS, MAX_PLAIN = 1 << 24, 1 << 20
 
 
 class CheckpointError(Exception):
@@ -94,7 +91,6 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-# ----------------------------------------------------------------------------------------------
 # Pass 1. A stack item is a str (a string STACK_GLOBAL may need), _STR (a string), _LEAF (another scalar), _EMPTY
 # (an empty tuple) or an int, the index of a node [kind, compound kids, other kids, all other kids strings?,
 # expanded size, depth, used?]; kind is 'list', 'dict', 'set', 'tuple', 'g:<global>' or 'c:<global>' (a call's
@@ -103,8 +99,9 @@ class TensorInfo:
 
 _STR, _LEAF, _EMPTY = object(), object(), object()
 _STRINGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
-_SCALARS = _STRINGS | {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "BINBYTES", "SHORT_BINBYTES",
-                       "BINBYTES8", "BYTEARRAY8", "NONE", "NEWTRUE", "NEWFALSE", "FLOAT", "BINFLOAT"}
+_INTS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
+_SCALARS = _STRINGS | _INTS | {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NONE", "NEWTRUE", "NEWFALSE",
+                               "FLOAT", "BINFLOAT"}
 _DICTS = {"dict", "c:collections.OrderedDict"}
 _TARGETS = {"APPEND": {"list"}, "APPENDS": {"list"}, "SETITEM": _DICTS, "SETITEMS": _DICTS,
             "ADDITEMS": {"set", "c:builtins.set"}, "BUILD": {"c:torch.nn.modules.container.ModuleDict", "c:numpy.dtype"}}
@@ -114,9 +111,8 @@ _POPS = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "APPEND": 1, "SETITEM": 2, "BUIL
 _IGNORED = {"PROTO", "FRAME", "POP", "POP_MARK"}  # opcodes not handled here nor ignored are refused
 
 
-def scan_pickle(data, *, max_nodes: int | None = None, max_depth: int | None = None) -> int:
-    """Check a pickle (bytes or mmap) against the limits above without building it; returns its length."""
-    max_nodes, max_depth = max_nodes or MAX_NODES, max_depth or MAX_DEPTH
+def scan_pickle(data) -> None:
+    """Check a pickle (bytes or mmap, nothing after its STOP) against the limits above without building it."""
     stack, marks, memo, nodes, count = [], [], {}, [], [0]
     f = data if isinstance(data, mmap.mmap) else io.BytesIO(data)
     f.seek(0)
@@ -127,8 +123,8 @@ def scan_pickle(data, *, max_nodes: int | None = None, max_depth: int | None = N
 
     def charge(n):
         count[0] += n
-        if count[0] > max_nodes:
-            raise CheckpointError(f"the pickle describes more than {max_nodes} objects")
+        if count[0] > MAX_NODES:
+            raise CheckpointError(f"the pickle describes more than {MAX_NODES} objects")
 
     def extend(v, items):
         node = nodes[v]
@@ -144,11 +140,11 @@ def scan_pickle(data, *, max_nodes: int | None = None, max_depth: int | None = N
                 nodes[i][6] = True
                 node[1].append(i)
                 node[3:6] = False, node[4] + nodes[i][4], max(node[5], nodes[i][5] + 1)
-        if node[4] > max_nodes:
-            raise CheckpointError(f"the pickle's objects expand to more than {max_nodes} objects (a shared one "
+        if node[4] > MAX_NODES:
+            raise CheckpointError(f"the pickle's objects expand to more than {MAX_NODES} objects (a shared one "
                                   "counted once per path to it)")
-        if node[5] > max_depth:
-            raise CheckpointError(f"the pickle's objects are nested more than {max_depth} deep")
+        if node[5] > MAX_DEPTH:
+            raise CheckpointError(f"the pickle's objects are nested more than {MAX_DEPTH} deep")
 
     def new(kind, items=()):
         nodes.append([kind, [], 0, True, 1, 1, False])
@@ -227,18 +223,19 @@ def scan_pickle(data, *, max_nodes: int | None = None, max_depth: int | None = N
         elif name == "STOP":
             if len(stack) != 1 or marks:
                 fail("the pickle does not end with exactly one object")
-            return pos + 1
+            if pos + 1 != len(data):
+                raise CheckpointError(f"corrupt: unexpected data after the end of the pickle (byte {pos + 1} of "
+                                      f"{len(data)})")
+            return
         elif name not in _IGNORED:  # persistent ids, extension codes, buffers, DUP, INST/OBJ, ...
             fail("an opcode network pickles never use")
     fail("no STOP opcode")
 
 
-# ----------------------------------------------------------------------------------------------
 # Tensor storages: each is a legacy (non-zip) ``torch.save`` blob of one storage, as torch's pickle reducers write
 # it: five small pickles (magic number, protocol version, system info, the storage's persistent id
 # ('storage', type, key, location, numel, view), the key list), then an 8-byte element count and the data.
 
-_INTS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
 _HEADER_OPS = _INTS | {"PROTO", "STOP", "MARK", "EMPTY_DICT", "EMPTY_LIST", "BINPUT", "BINUNICODE", "SHORT_BINUNICODE",
                        "NEWTRUE", "NONE", "SETITEM", "SETITEMS", "APPEND", "TUPLE", "BINPERSID", "GLOBAL"}
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -286,19 +283,15 @@ def load_storage_blob(blob: bytes, *, load_data: bool = True):
         return torch.empty(0, dtype=st.dtype).set_(st.untyped(), 0, (st.size(),), (1,))
 
 
-# ----------------------------------------------------------------------------------------------
-# Pass 2: the restricted unpickler, with replacements for the few functions EDM pickles call.
-
-
 def _allowed_globals(load_tensors: bool) -> dict:
+    """Pass 2: the globals the restricted unpickler finds, replacements for the few functions EDM pickles call."""
     done: dict[int, tuple] = {}  # id(blob or source text) -> (it, its storage or digest): each is read once
     totals, storages = {"stored": 0, "claimed": 0}, set()  # elements stored and viewed by tensors; storage ids
 
     def once(obj, fn):
-        hit = done.get(id(obj))
-        if hit is None or hit[0] is not obj:
-            hit = done[id(obj)] = (obj, fn(obj))
-        return hit[1]
+        if id(obj) not in done:  # done keeps obj alive, so no other object takes its id
+            done[id(obj)] = (obj, fn(obj))
+        return done[id(obj)][1]
 
     def reconstruct_persistent_obj(meta):  # EDM's persistence._reconstruct_persistent_obj: wrap, don't run
         if not isinstance(meta, dict) or meta.get("type") != "class":
@@ -398,10 +391,7 @@ def read_edm_pickle(source: str | os.PathLike | bytes | BinaryIO, *, load_tensor
                 data = source.read() if hasattr(source, "read") else bytes(source)
             if not isinstance(data, (bytes, mmap.mmap)) or not len(data):
                 raise CheckpointError("the file is empty or not read as bytes")
-            end = scan_pickle(data)
-            if end != len(data):
-                raise CheckpointError(f"corrupt: unexpected data after the end of the pickle (byte {end} of "
-                                      f"{len(data)})")
+            scan_pickle(data)
             f = data if isinstance(data, mmap.mmap) else io.BytesIO(data)
             f.seek(0)
             unpickler = _RestrictedUnpickler(f)

@@ -9,10 +9,12 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .edm_pickle import (MAX_DEPTH, MAX_KEY_CHARS, MAX_PLAIN, CheckpointError, ModuleDictRecord, PersistentRecord,
-                         TensorInfo, short_repr)
+from .edm_pickle import MAX_DEPTH, CheckpointError, ModuleDictRecord, PersistentRecord, TensorInfo, short_repr
 
 __all__ = ["network_from_record", "state_dict_from_record", "plain_value"]
+
+#: Most characters in a network's state_dict keys; most values plus characters in plain (kwargs) data.
+MAX_KEY_CHARS, MAX_PLAIN = 1 << 24, 1 << 20
 
 
 def state_dict_from_record(record, prefix: str = "") -> "collections.OrderedDict[str, Any]":

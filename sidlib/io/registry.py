@@ -82,13 +82,10 @@ def resolve_source(source, *, cache_dir=None) -> tuple[Path, dict]:
     text = os.fspath(source)
     prov: dict[str, Any] = {"source": text}
     reg = registered_names()
-    if isinstance(source, str) and text in reg:
-        url = reg[text]
-        prov.update(name=text, url=url)
-        return download(url, sha256=KNOWN_SHA256.get(url), cache_dir=cache_dir), prov
-    if isinstance(source, str) and is_url(text):
-        prov["url"] = text
-        return _download_checkpoint(text, cache_dir), prov
+    if isinstance(source, str) and (text in reg or is_url(text)):
+        url = reg.get(text, text)
+        prov.update({"name": text} if text in reg else {}, url=url)
+        return _download_checkpoint(url, cache_dir), prov
     path = Path(text).expanduser()
     if path.exists():
         return path, prov

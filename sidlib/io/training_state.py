@@ -31,33 +31,26 @@ def save_training_state(path: str | os.PathLike, state: dict) -> Path:
     return path
 
 
-def _torch_error(e: BaseException) -> str:
-    """Why ``torch.load`` failed, in a line, without torch's advice to retry with ``weights_only=False``."""
-    keep = [p.strip() for p in str(e).split('\n\n') if p.strip() and 'eights_only' not in p]
-    return f"{type(e).__name__}: {' '.join(keep)[:300] or 'objects other than tensors and plain data'}"
-
-
-def _check_archive(path: Path) -> None:
-    """torch.save writes a zip of stored (uncompressed) entries; refuse anything that would be inflated."""
-    with zipfile.ZipFile(path) as z:
-        entries = z.infolist()
-    if any(e.compress_type != zipfile.ZIP_STORED for e in entries) or sum(
-            e.file_size for e in entries) > path.stat().st_size:
-        raise ValueError('the archive holds compressed entries or entries larger than the file')
-
-
 def load_training_state(path: str | os.PathLike) -> dict:
     """Read a state written by :func:`save_training_state` (on the CPU, ``weights_only=True``)."""
     path = Path(path)
     try:
-        _check_archive(path)
+        with zipfile.ZipFile(path) as z:
+            entries = z.infolist()
+        # torch.save writes a zip of stored (uncompressed) entries; refuse anything that would be inflated.
+        if any(e.compress_type != zipfile.ZIP_STORED for e in entries) or sum(
+                e.file_size for e in entries) > path.stat().st_size:
+            raise ValueError('the archive holds compressed entries or entries larger than the file')
         state = torch.load(path, map_location='cpu', weights_only=True)
-        reason = None if isinstance(state, dict) and state.get('format') == STATE_FORMAT else (
-            f'it holds no {STATE_FORMAT!r} tag, so it was not written by sidlib')
+        if isinstance(state, dict) and state.get('format') == STATE_FORMAT:
+            return state
+        reason = f'it holds no {STATE_FORMAT!r} tag, so it was not written by sidlib'
+    except OSError as e:
+        reason = f'{type(e).__name__}: {e.strerror or e}'
     except Exception as e:  # zipfile, torch and the unpickler raise assorted types, MemoryError included
-        reason = _torch_error(e) if not isinstance(e, OSError) else f'{type(e).__name__}: {e.strerror or e}'
-    if reason is None:
-        return state
+        # Why torch.load failed, in a line, without torch's advice to retry with weights_only=False.
+        keep = [p.strip() for p in str(e).split('\n\n') if p.strip() and 'eights_only' not in p]
+        reason = f"{type(e).__name__}: {' '.join(keep)[:300] or 'objects other than tensors and plain data'}"
     numbered = sorted(path.parent.glob('training-state-*.pt'))
     hint = (f'the latest numbered state is {numbered[-1].name}' if numbered else
             'no numbered training-state-<kimg>.pt is beside it')

@@ -70,7 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(args) -> dict | None:
+def _run(args) -> None:
+    if args.cmd == "list":
+        print("\n".join(f"{k}\t{v}" for k, v in sorted({**FID_REFERENCES, **PR_REFERENCES}.items())))
+        return
+    if args.cmd == "fetch":
+        src = fetch_reference(args.name, sha256=args.sha256)
+        if args.name in FID_REFERENCES:
+            load_reference_stats(src)
+        print(f"{args.name} -> {atomic_copy(src, Path(args.out))}")
+        return
     for module in args.imports:
         importlib.import_module(module)
     device = dist_utils.default_device() if args.device == "auto" else torch.device(args.device)
@@ -90,8 +99,8 @@ def _run(args) -> dict | None:
                                               device=device, max_images=args.max_images, extractor_kwargs=ekw)
             if dist_utils.rank() == 0:
                 print(f"{n} images -> {save_reference_stats(args.dest, mu, sigma)}")
-            return None
-        return evaluate_network(
+            return
+        result = evaluate_network(
             args.network, snapshot=args.snapshot, sampler=args.sampler, init_sigma=args.init_sigma, steps=args.steps,
             sampler_kwargs=sampler_kwargs(args), num_images=args.num, trials=args.trials, seed_start=args.seed_start,
             reference_stats=args.ref, pr_reference=args.pr_ref, isc=args.isc, label_probs=probs,
@@ -100,26 +109,16 @@ def _run(args) -> dict | None:
     finally:
         if created:
             dist_utils.shutdown()
+    if dist_utils.env_rank() == 0:
+        if args.out:
+            write_json(args.out, result)
+        print(json.dumps(result["summary"], indent=2))
 
 
 def main(argv=None) -> int:
     argv, debug = split_debug(argv)
     args = _parser().parse_args(argv)
-    return run_main(lambda: _command(args), debug)
-
-
-def _command(args) -> None:
-    if args.cmd == "list":
-        print("\n".join(f"{k}\t{v}" for k, v in sorted({**FID_REFERENCES, **PR_REFERENCES}.items())))
-    elif args.cmd == "fetch":
-        src = fetch_reference(args.name, sha256=args.sha256)
-        if args.name in FID_REFERENCES:
-            load_reference_stats(src)
-        print(f"{args.name} -> {atomic_copy(src, Path(args.out))}")
-    elif (result := _run(args)) is not None and dist_utils.env_rank() == 0:
-        if args.out:
-            write_json(args.out, result)
-        print(json.dumps(result["summary"], indent=2))
+    return run_main(lambda: _run(args), debug)
 
 
 if __name__ == "__main__":

@@ -52,39 +52,31 @@ def inception_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
 
 
-def _missing_weights_message(path: Path, reason: str) -> str:
-    return (f"torch-fidelity's Inception-v3 weights are missing and could not be downloaded ({reason}). Place the "
-            f"file {INCEPTION_WEIGHTS_FILE} at {path} (download it where there is network access from "
-            f"{INCEPTION_WEIGHTS_URL}; the directory is torch.hub.get_dir()/checkpoints, i.e. "
-            f"$TORCH_HOME/hub/checkpoints), or pass feature_extractor_weights_path=<path to the file>.")
-
-
-def ensure_inception_weights(download: bool = True, progress: bool = False) -> Path:
+def ensure_inception_weights(progress: bool = False) -> Path:
     """Path of the Inception weights, downloaded once if needed; else :class:`InceptionWeightsMissing`."""
     path = inception_weights_path()
     if path.is_file():
         return path
-    if not download:
-        raise InceptionWeightsMissing(_missing_weights_message(path, "downloading disabled"))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, str(path), progress=progress)
     except (urllib.error.URLError, OSError, ConnectionError, TimeoutError) as e:
-        raise InceptionWeightsMissing(_missing_weights_message(path, f"{type(e).__name__}: {e}")) from e
+        raise InceptionWeightsMissing(
+            f"torch-fidelity's Inception-v3 weights are missing and could not be downloaded ({type(e).__name__}: "
+            f"{e}). Place the file {INCEPTION_WEIGHTS_FILE} at {path} (download it where there is network access "
+            f"from {INCEPTION_WEIGHTS_URL}; the directory is torch.hub.get_dir()/checkpoints, i.e. "
+            f"$TORCH_HOME/hub/checkpoints), or pass feature_extractor_weights_path=<path to the file>.") from e
     return path
 
 
-def _check_weights_available(feature_extractor: str, kwargs: Mapping) -> None:
+def _check_weights_available(feature_extractor: str, kw: Mapping, verbose: bool) -> None:
     # Fail before any image is generated, with a message that says which file goes where.
-    if feature_extractor != INCEPTION:
-        return
-    explicit = kwargs.get("feature_extractor_weights_path")
-    if explicit is not None:
-        if not Path(explicit).is_file():
-            raise InceptionWeightsMissing(f"feature_extractor_weights_path={explicit} does not exist; it should be "
-                                          f"torch-fidelity's {INCEPTION_WEIGHTS_FILE} ({INCEPTION_WEIGHTS_URL}).")
-        return
-    ensure_inception_weights(progress=bool(kwargs.get("verbose", False)))
+    explicit = kw.get("feature_extractor_weights_path")
+    if feature_extractor == INCEPTION and explicit is None:
+        ensure_inception_weights(progress=bool(verbose))
+    elif feature_extractor == INCEPTION and not Path(explicit).is_file():
+        raise InceptionWeightsMissing(f"feature_extractor_weights_path={explicit} does not exist; it should be "
+                                      f"torch-fidelity's {INCEPTION_WEIGHTS_FILE} ({INCEPTION_WEIGHTS_URL}).")
 
 
 def module_extractor(module: nn.Module) -> type:
@@ -122,17 +114,15 @@ def register_feature_extractor(name: str, cls_or_module, *, replace: bool = True
     is_class = isinstance(cls_or_module, type) and issubclass(cls_or_module, FeatureExtractorBase)
     cls = cls_or_module if is_class else module_extractor(cls_or_module)
     current = tf_registry.FEATURE_EXTRACTORS_REGISTRY.get(name)
-    if current is cls:
-        return cls
-    if current is not None:
+    if current is None:
+        torch_fidelity.register_feature_extractor(name, cls)
+    elif current is not cls:
         if name in _BUILTIN_EXTRACTORS:
             raise ValueError(f"{name!r} is one of torch-fidelity's own feature extractors and cannot be replaced")
         if not replace:
             raise ValueError(f"feature extractor {name!r} is already registered with {current.__name__}")
         # torch-fidelity's register function refuses existing names; the registry is a plain dict, so swap the entry.
         tf_registry.FEATURE_EXTRACTORS_REGISTRY[name] = cls
-        return cls
-    torch_fidelity.register_feature_extractor(name, cls)
     return cls
 
 
@@ -183,7 +173,7 @@ def compute_metrics(generated, reference=None, *, feature_extractor: str = INCEP
     ``{'mu', 'sigma'}`` (FID only); not needed for ``isc`` alone. KID subsets: ``min(1000, N_gen, N_ref)``."""
     if not (fid or kid or prc or isc):
         raise ValueError("compute_metrics: select at least one of fid, kid, prc, isc")
-    _check_weights_available(feature_extractor, {**kw, "verbose": verbose})
+    _check_weights_available(feature_extractor, kw, verbose)
     if torch.is_tensor(generated) or isinstance(generated, np.ndarray):
         generated = UInt8ImageDataset(_tile_gray(as_uint8_images(generated, what="generated"), feature_extractor))
 
@@ -196,9 +186,8 @@ def compute_metrics(generated, reference=None, *, feature_extractor: str = INCEP
             out.update(compute_metrics(generated, None, feature_extractor=feature_extractor, fid=False, isc=True,
                                        cuda=cuda, batch_size=batch_size, verbose=verbose, **kw))
         if fid:
-            with FeatureExtractor(feature_extractor, ["fid"], cuda=cuda, verbose=verbose, **kw) as fe:
-                feats = fe.extract_dataset(generated, batch_size=batch_size)["fid"]
-            mu, sigma = feature_statistics(feats)
+            fe = FeatureExtractor(feature_extractor, ["fid"], cuda=cuda, verbose=verbose, **kw)
+            mu, sigma = feature_statistics(fe.extract(generated, batch_size=batch_size)["fid"])
             out["fid"] = fid_from_statistics(mu, sigma, reference["mu"], reference["sigma"])
         return out
 
@@ -226,7 +215,7 @@ class FeatureExtractor:
         if not is_registered(name):
             raise ValueError(f"feature extractor {name!r} is not registered with torch-fidelity; registered: "
                              f"{sorted(tf_registry.FEATURE_EXTRACTORS_REGISTRY)}")
-        _check_weights_available(name, {**kw, "verbose": verbose})
+        _check_weights_available(name, kw, verbose)
         self.name, self.metrics, self.cuda = name, tuple(dict.fromkeys(metrics)), cuda
         self.layers = {m: resolve_feature_layer_for_metric(m, feature_extractor=name, **kw) for m in self.metrics}
         self.device = torch.device("cuda" if cuda else "cpu")
@@ -238,7 +227,6 @@ class FeatureExtractor:
 
     def __exit__(self, *exc):
         self.module = None
-        return False
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict:
@@ -249,12 +237,11 @@ class FeatureExtractor:
         return {m: feats[layer].detach().to("cpu", torch.float32) for m, layer in self.layers.items()}
 
     def extract(self, images, batch_size: int = 64) -> dict:
-        """Features of a whole uint8 ``[N, C, H, W]`` tensor, in batches; ``{metric: [N, D]}``."""
-        return self.extract_dataset(UInt8ImageDataset(as_uint8_images(images)), batch_size=batch_size)
-
-    def extract_dataset(self, dataset, batch_size: int = 64) -> dict:
-        parts = [self(torch.stack([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]))
-                 for s in range(0, len(dataset), batch_size)]
+        """``{metric: [N, D]}`` of uint8 images ``[N, C, H, W]`` (tensor or array) or a Dataset of them, in batches."""
+        if not isinstance(images, torch.utils.data.Dataset):
+            images = UInt8ImageDataset(as_uint8_images(images))
+        parts = [self(torch.stack([images[i] for i in range(s, min(s + batch_size, len(images)))]))
+                 for s in range(0, len(images), batch_size)]
         return {m: torch.cat([p[m] for p in parts]) for m in self.metrics}
 
 
@@ -270,8 +257,7 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
 
 def fid_from_statistics(mu1, sigma1, mu2, sigma2) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (``fid_statistics_to_metric``, float64)."""
-    mu1, mu2 = (np.asarray(m, dtype=np.float64) for m in (mu1, mu2))
-    sigma1, sigma2 = (np.asarray(s, dtype=np.float64) for s in (sigma1, sigma2))
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, sigma1, mu2, sigma2))
     if mu1.ndim != 1 or mu1.shape != mu2.shape:
         raise ValueError(f"mu shapes must be equal and 1-D, got {mu1.shape} and {mu2.shape}")
     d = mu1.shape[0]

@@ -14,22 +14,20 @@ torch-fidelity's ``inception-v3-compat`` 2048-d features give mean and unbiased 
 
 from __future__ import annotations
 
-import inspect
 import platform
 import time
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch_fidelity
 
 from .. import distributed as dist_utils
-from ..generate import load_for_sampling, select_snapshot
+from ..generate import gather_rows, generate_images, load_for_sampling, make_generator, select_snapshot
 from ..io.jsonio import to_jsonable
-from ..rng import inputs_for_seeds
-from ..sampling import heun_generator, onestep_generator, to_uint8
+from ..sampling import heun_generator, onestep_generator
 from . import fidelity as M
-from .references import fetch_reference, load_reference_images, load_reference_stats
+from .references import FEATURE_DIM, fetch_reference, load_reference_images, load_reference_stats
 
 __all__ = ["PAPER_NUM_IMAGES", "PAPER_TRIALS", "FORMAT", "ProtocolError", "metric_names", "trial_seeds",
            "rank_seeds", "select_snapshot", "onestep_generator", "heun_generator", "generate_features",
@@ -73,21 +71,10 @@ def rank_seeds(seeds: Sequence[int], rank: int, world_size: int) -> Sequence[int
 
 
 def _world(flag: bool | None) -> tuple[int, int]:
-    active = dist_utils.is_initialized() and dist.get_world_size() > 1 and flag is not False
-    return (dist.get_rank(), dist.get_world_size()) if active else (0, 1)
+    world = dist_utils.world_size() if flag is not False else 1
+    return (dist_utils.rank(), world) if world > 1 else (0, 1)
 
 
-def _gather_rows(local: torch.Tensor, index, total: int) -> torch.Tensor:
-    """All-gather rows ``[n_r, D]`` with their positions; ``[total, D]`` in position order on every rank."""
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, ([int(i) for i in index], local.cpu()))
-    rows = {i: r for idx, feats in parts for i, r in zip(idx, feats)}
-    if sorted(rows) != list(range(total)):
-        raise RuntimeError("feature gathering lost rows: ranks disagree on the seed split")
-    return torch.stack([rows[i] for i in range(total)])
-
-
-@torch.no_grad()
 def generate_features(generator_fn: Callable, seeds: Sequence[int], extractor: M.FeatureExtractor, *,
                       img_shape: Sequence[int], label_dim: int = 0, label_probs=None, batch_size: int = 64,
                       device=None, distributed: bool | None = None, progress: bool = False) -> dict:
@@ -95,36 +82,20 @@ def generate_features(generator_fn: Callable, seeds: Sequence[int], extractor: M
     ranks of an initialised process group unless ``distributed`` is False."""
     seeds = list(seeds)
     rank, world = _world(distributed)
-    positions = list(range(len(seeds)))[rank::world]
-    device = torch.device(device) if device is not None else extractor.device
-    try:
-        pass_gens = "generators" in inspect.signature(generator_fn).parameters
-    except (TypeError, ValueError):
-        pass_gens = False
-    parts: dict[str, list] = {m: [] for m in extractor.metrics}
-    it = range(0, len(positions), batch_size)
+    mine = rank_seeds(seeds, rank, world)
+    batches = generate_images(generator_fn, mine, img_shape, label_dim, label_probs=label_probs, batch=batch_size,
+                              device=extractor.device if device is None else device)
     if progress and rank == 0:
         from tqdm import tqdm
-        it = tqdm(it, unit="batch", desc=f"generating {len(seeds)} images")
-    for start in it:
-        z, labels, gens = inputs_for_seeds([seeds[p] for p in positions[start:start + batch_size]], img_shape,
-                                           label_dim, device, probs=label_probs)
-        x = generator_fn(z, labels, generators=gens) if pass_gens else generator_fn(z, labels)
+        batches = tqdm(batches, total=len(range(0, len(mine), batch_size)), unit="batch",
+                       desc=f"generating {len(seeds)} images")
+    parts: dict[str, list] = {m: [] for m in extractor.metrics}
+    for _, x, _ in batches:
         if tuple(x.shape[1:]) != tuple(img_shape):
             raise ProtocolError(f"generator returned images of shape {tuple(x.shape[1:])}, expected {tuple(img_shape)}")
-        for m, f in extractor(to_uint8(x)).items():
+        for m, f in extractor(x).items():
             parts[m].append(f)
-    local = {m: torch.cat(v) if v else torch.zeros([0, 0]) for m, v in parts.items()}
-    if world == 1:
-        return local
-    return {m: _gather_rows(local[m], positions, len(seeds)) for m in local}
-
-
-def _reference_features(images: torch.Tensor, extractor, batch_size: int, distributed) -> torch.Tensor:
-    rank, world = _world(distributed)
-    pos = torch.arange(images.shape[0])[rank::world]
-    local = torch.cat([extractor(images[pos[i:i + batch_size]])["prc"] for i in range(0, len(pos), batch_size)])
-    return _gather_rows(local, pos, images.shape[0]) if world > 1 else local
+    return {m: torch.cat(v) if world == 1 else gather_rows(v, len(seeds)) for m, v in parts.items()}
 
 
 def summarise_trials(trials: Sequence[Mapping], names: Mapping) -> dict:
@@ -141,13 +112,14 @@ def summarise_trials(trials: Sequence[Mapping], names: Mapping) -> dict:
     return out
 
 
-def _stats_arg(reference_stats, dim: int | None):
+def _stats_arg(reference_stats, feature_extractor: str, dim: int | None = None):
     if reference_stats is None:
         return None, None
     if isinstance(reference_stats, Mapping):
         reference_stats = (reference_stats["mu"], reference_stats["sigma"])
     if isinstance(reference_stats, tuple):
         return tuple(np.asarray(a, np.float64) for a in reference_stats), "<in-memory>"
+    dim = dim or (FEATURE_DIM if feature_extractor == M.INCEPTION else None)
     return load_reference_stats(fetch_reference(reference_stats), dim=dim), str(reference_stats)
 
 
@@ -173,22 +145,27 @@ def evaluate_generator(generator_fn: Callable, *, img_shape: Sequence[int], labe
         raise ProtocolError("nothing to compute: give reference_stats (FID) and/or isc=True")
     if label_probs is not None and len(label_probs) != label_dim:
         raise ProtocolError(f"{len(label_probs)} class frequencies for a network with {label_dim} classes")
-    ref, ref_name = _stats_arg(reference_stats, feature_dim or (2048 if feature_extractor == M.INCEPTION else None))
+    ref, ref_name = _stats_arg(reference_stats, feature_extractor, feature_dim)
     pr_images, pr_name = None, None
     if torch.is_tensor(pr_reference) or isinstance(pr_reference, np.ndarray):
         pr_images, pr_name = M.as_uint8_images(pr_reference, what="pr_reference"), "<in-memory>"
     elif pr_reference is not None:
         pr_images, pr_name = load_reference_images(fetch_reference(pr_reference)), str(pr_reference)
     wanted = ["fid"] * (ref is not None) + ["isc"] * bool(isc) + ["prc"] * (pr_images is not None)
-    use_cuda = device is not None and torch.device(device).type == "cuda"
+    device = torch.device("cpu" if device is None else device)
+    use_cuda = device.type == "cuda"
     extractor = M.FeatureExtractor(feature_extractor, wanted, cuda=use_cuda, **dict(extractor_kwargs or {}))
-    device = torch.device(device) if device is not None else torch.device("cpu")
     if ref is not None:  # one blank image: a reference of the wrong width fails now, not after a trial
         width = extractor(torch.zeros([1, *img_shape], dtype=torch.uint8))["fid"].shape[1]
         if width != ref[0].shape[0]:
             raise ProtocolError(f"feature width {width} of {feature_extractor!r} does not match the reference "
                                 f"({ref[0].shape[0]}, {ref_name})")
-    pr_feats = _reference_features(pr_images, extractor, batch_size, distributed) if pr_images is not None else None
+    pr_feats = None
+    if pr_images is not None:
+        rank, world = _world(distributed)
+        mine = rank_seeds(pr_images, rank, world).contiguous()
+        batches = [extractor(mine[i:i + batch_size])["prc"] for i in range(0, len(mine), batch_size)]
+        pr_feats = torch.cat(batches) if world == 1 else gather_rows(batches, len(pr_images))
     results = []
     for t in range(trials):
         tseeds = seeds if seeds is not None else list(trial_seeds(t, num_images, seed_start))
@@ -207,7 +184,6 @@ def evaluate_generator(generator_fn: Callable, *, img_shape: Sequence[int], labe
             pr = M.precision_recall(feats["prc"], pr_feats, device=device if use_cuda else None)
             row[f"{names['pr']}_precision"], row[f"{names['pr']}_recall"] = pr["precision"], pr["recall"]
         results.append(row)
-    import torch_fidelity
     gen_desc = dict(getattr(generator_fn, "description", {}) or {})
     env = {"torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__,
            "python": platform.python_version(), "device": str(device)}
@@ -247,10 +223,7 @@ def evaluate_network(source, *, sampler: str = "onestep", init_sigma: float | No
         raise ProtocolError(f"sampler must be 'onestep' or 'heun', got {sampler!r}")
     net, meta, selection, device = load_for_sampling(source, snapshot, device)
     img_shape, label_dim = _net_shape(net)
-    if sampler == "onestep":
-        fn = onestep_generator(net, float(init_sigma if init_sigma is not None else meta.get("init_sigma", 2.5)))
-    else:
-        fn = heun_generator(net, steps, **dict(sampler_kwargs or {}))
+    fn = make_generator(net, meta, sampler, init_sigma, steps, sampler_kwargs)
     base = {"network": str(source), "method": "SiD" if sampler == "onestep" else "EDM teacher",
             "alpha": meta.get("alpha"), "kimg": meta.get("kimg"), "snapshot": selection,
             "network_meta": to_jsonable(meta), **dict(info or {})}
@@ -264,7 +237,7 @@ def proxy_fid(reference_stats, *, num_images: int = 10_000, batch_size: int = 64
     one-step samples in the calling process. Config: ``eval_fn: sidlib.metrics.protocol:proxy_fid`` with
     ``eval_kwargs: {reference_stats: ...}``."""
     names = metric_names(num_images, proxy=True)
-    ref, _ = _stats_arg(reference_stats, 2048 if feature_extractor == M.INCEPTION else None)
+    ref, _ = _stats_arg(reference_stats, feature_extractor)
 
     def eval_fn(G_ema, kimg):
         img_shape, label_dim = _net_shape(G_ema)

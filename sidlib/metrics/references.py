@@ -66,29 +66,29 @@ def fetch_reference(source: str | os.PathLike, *, cache_dir=None, sha256: str | 
     return download(url, sha256=sha256, cache_dir=cache_dir, progress=progress)
 
 
-def _open_npz(path: Path):
+def _read_npz(path: Path, keys, hint: str = "") -> list[np.ndarray]:
     if not path.is_file():
         raise ReferenceFileError(f"reference file not found: {path}")
     try:
-        return np.load(path, allow_pickle=False)
+        data = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise ReferenceFileError(f"{path}: not a readable .npz file ({e})") from e
+    with data:
+        for key in keys:
+            if key not in data.files:
+                raise ReferenceFileError(f"{path}: key {key!r} missing (found keys {data.files}){hint}")
+        return [data[key] for key in keys]
 
 
 def load_reference_stats(path: str | os.PathLike, *, dim: int | None = FEATURE_DIM) -> tuple[np.ndarray, np.ndarray]:
     """``mu`` ``[dim]`` and ``sigma`` ``[dim, dim]`` (float64) of an EDM-style ``.npz``; ``dim=None`` accepts any
     consistent width. Wrong keys or shapes raise :class:`ReferenceFileError` naming the file, key and shapes."""
     path = Path(path)
-    with _open_npz(path) as data:
-        for key in ("mu", "sigma"):
-            if key not in data.files:
-                raise ReferenceFileError(f"{path}: key {key!r} missing (found keys {data.files}); an FID reference "
-                                      f"needs 'mu' [D] and 'sigma' [D, D]")
-        mu, sigma = np.asarray(data["mu"], dtype=np.float64), np.asarray(data["sigma"], dtype=np.float64)
-    d = dim if dim is not None else (mu.shape[0] if mu.ndim == 1 else None)
-    if d is None or mu.shape != (d,):
-        want = f"({dim},)" if dim is not None else "(D,)"
-        raise ReferenceFileError(f"{path}: key 'mu' has shape {mu.shape}, expected {want}")
+    hint = "; an FID reference needs 'mu' [D] and 'sigma' [D, D]"
+    mu, sigma = (np.asarray(a, dtype=np.float64) for a in _read_npz(path, ("mu", "sigma"), hint))
+    if mu.ndim != 1 or (dim is not None and mu.shape[0] != dim):
+        raise ReferenceFileError(f"{path}: key 'mu' has shape {mu.shape}, expected ({'D' if dim is None else dim},)")
+    d = mu.shape[0]
     if sigma.shape != (d, d):
         raise ReferenceFileError(f"{path}: key 'sigma' has shape {sigma.shape}, expected ({d}, {d})")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
@@ -107,18 +107,13 @@ def save_reference_stats(path: str | os.PathLike, mu, sigma, **extra) -> Path:
     return path
 
 
-def load_reference_images(path: str | os.PathLike, key: str = "arr_0", limit: int | None = None) -> torch.Tensor:
+def load_reference_images(path: str | os.PathLike, key: str = "arr_0") -> torch.Tensor:
     """uint8 images ``[N, C, H, W]`` from an image-batch ``.npz`` stored as ``[N, H, W, C]`` (OpenAI's layout)."""
     path = Path(path)
-    with _open_npz(path) as data:
-        if key not in data.files:
-            raise ReferenceFileError(f"{path}: key {key!r} missing (found keys {data.files})")
-        arr = data[key]
+    [arr] = _read_npz(path, [key])
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
         raise ReferenceFileError(f"{path}: key {key!r} has dtype {arr.dtype} and shape {arr.shape}, expected uint8 "
-                              f"(N, H, W, C) with C in (1, 3)")
-    if limit is not None:
-        arr = arr[:limit]
+                                 f"(N, H, W, C) with C in (1, 3)")
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
 
 
@@ -189,10 +184,10 @@ def dataset_statistics(data, *, feature_extractor: str | None = None, batch_size
     for i in range(0, len(mine), batch_size):
         f = fe(torch.stack([ds[j] for j in mine[i:i + batch_size]]))["fid"].to(device, torch.float64)
         acc = [f.sum(0), f.T @ f] if acc is None else [acc[0] + f.sum(0), acc[1] + f.T @ f]
-    dim = int(fe(torch.zeros([1, *ds[0].shape], dtype=torch.uint8))["fid"].shape[1])
-    mu, outer = acc if acc is not None else [torch.zeros(dim, dtype=torch.float64, device=device),
-                                             torch.zeros(dim, dim, dtype=torch.float64, device=device)]
-    mu, outer = dist_utils.all_reduce_sum(mu) / n, dist_utils.all_reduce_sum(outer)
+    if acc is None:  # a rank without images still joins the all-reduce, with zeros of the feature width
+        dim = int(fe(torch.zeros([1, *ds[0].shape], dtype=torch.uint8))["fid"].shape[1])
+        acc = [torch.zeros(shape, dtype=torch.float64, device=device) for shape in ([dim], [dim, dim])]
+    mu, outer = dist_utils.all_reduce_sum(acc[0]) / n, dist_utils.all_reduce_sum(acc[1])
     sigma = (outer - torch.outer(mu, mu) * n) / (n - 1)
     return mu.cpu().numpy(), sigma.cpu().numpy(), n
 

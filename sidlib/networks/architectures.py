@@ -28,8 +28,7 @@ def edm_kwargs(arch: str, *, img_resolution: int, channel_mult, img_channels: in
         raise ValueError(f'unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}')
     kw = dict(img_resolution=int(img_resolution), img_channels=int(img_channels), label_dim=int(label_dim),
               use_fp16=False, **copy.deepcopy(ARCHITECTURES[arch]), channel_mult=[int(c) for c in channel_mult])
-    kw.update(overrides)
-    return kw
+    return {**kw, **overrides}
 
 
 #: The networks of the paper's runs: EDMPrecond kwargs exactly as EDM's pickles store them, and parameter counts.

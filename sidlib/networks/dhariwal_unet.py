@@ -71,8 +71,7 @@ class DhariwalUNet(torch.nn.Module):
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
-        emb = F.silu(self.map_layer0(emb))
-        emb = self.map_layer1(emb)
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
         if self.map_label is not None:
             labels = drop_labels(class_labels, self.label_dropout, self.training)
             emb = emb + self.map_label(labels)

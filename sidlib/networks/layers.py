@@ -30,11 +30,9 @@ def drop_labels(labels, p, training):
 
 
 def weight_init(shape, mode, fan_in, fan_out):
-    """EDM's initialisation rules: 'xavier_uniform', 'xavier_normal', 'kaiming_uniform', 'kaiming_normal'."""
+    """EDM's initialisation rules that its networks use: 'xavier_uniform', 'kaiming_uniform', 'kaiming_normal'."""
     if mode == 'xavier_uniform':
         return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
-    if mode == 'xavier_normal':
-        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
     if mode == 'kaiming_uniform':
         return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
     if mode == 'kaiming_normal':
@@ -65,16 +63,20 @@ class Linear(torch.nn.Module):
         return F.linear(x, _cast(self.weight, x), _cast(self.bias, x))
 
 
-def _resample_filter(taps):
-    v = torch.as_tensor(taps, dtype=torch.float32)
-    return (torch.outer(v, v) / v.sum().square()).reshape(1, 1, len(taps), len(taps))
+def _resample(x, f, up, padding=0):
+    """Depthwise 2x resampling of ``x`` by the filter ``f [1, 1, k, k]``: transposed with ``4 f`` (up) or strided."""
+    c = x.shape[1]
+    # Materialised (it is tiny): some convolution backends reject zero-stride weights.
+    if up:
+        return F.conv_transpose2d(x, (f * 4).expand(c, 1, *f.shape[2:]).contiguous(), groups=c, stride=2,
+                                  padding=padding)
+    return F.conv2d(x, f.expand(c, 1, *f.shape[2:]).contiguous(), groups=c, stride=2, padding=padding)
 
 
 class Conv2d(torch.nn.Module):
     """2-D convolution ("same" padding) with optional 2x up/down-sampling by the FIR filter ``outer(v, v) / sum(v)^2``
     of the ``resample_filter`` taps v (a buffer only when ``up or down``); ``kernel=0``: resampling only. Unfused,
-    resampling comes first (depthwise, stride 2, ``4 f`` transposed up or ``f`` down); ``fused_resample`` (NCSN++)
-    does both in one pass with EDM's padding arithmetic."""
+    resampling comes first; ``fused_resample`` (NCSN++) does both in one pass with EDM's padding arithmetic."""
 
     def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False, resample_filter=[1, 1],
                  fused_resample=False, init_mode='kaiming_normal', init_weight=1, init_bias=0):
@@ -86,31 +88,21 @@ class Conv2d(torch.nn.Module):
         self.weight = (torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans)
                                           * init_weight) if kernel else None)
         self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
-        self.register_buffer('resample_filter', _resample_filter(resample_filter) if (up or down) else None)
-
-    @staticmethod
-    def _depthwise(f, channels):
-        # Materialised (it is tiny): some convolution backends reject zero-stride weights.
-        return f.expand(channels, 1, f.shape[-2], f.shape[-1]).contiguous()
+        f = torch.as_tensor(resample_filter, dtype=torch.float32)
+        f = (torch.outer(f, f) / f.sum().square())[None, None]
+        self.register_buffer('resample_filter', f if (up or down) else None)
 
     def forward(self, x):
         w, b, f = _cast(self.weight, x), _cast(self.bias, x), _cast(self.resample_filter, x)
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
         if self.fused_resample and self.up and w is not None:
-            x = F.conv_transpose2d(x, self._depthwise(f * 4, self.in_channels), groups=self.in_channels, stride=2,
-                                   padding=max(f_pad - w_pad, 0))
-            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
+            x = F.conv2d(_resample(x, f, up=True, padding=max(f_pad - w_pad, 0)), w, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and self.down and w is not None:
-            x = F.conv2d(x, w, padding=w_pad + f_pad)
-            x = F.conv2d(x, self._depthwise(f, self.out_channels), groups=self.out_channels, stride=2)
+            x = _resample(F.conv2d(x, w, padding=w_pad + f_pad), f, up=False)
         else:
-            if self.up:
-                x = F.conv_transpose2d(x, self._depthwise(f * 4, self.in_channels), groups=self.in_channels,
-                                       stride=2, padding=f_pad)
-            if self.down:
-                x = F.conv2d(x, self._depthwise(f, self.in_channels), groups=self.in_channels, stride=2,
-                             padding=f_pad)
+            if self.up or self.down:
+                x = _resample(x, f, self.up, padding=f_pad)
             if w is not None:
                 x = F.conv2d(x, w, padding=w_pad)
         if b is not None:
@@ -189,8 +181,7 @@ class UNetBlock(torch.nn.Module):
         else:
             x = F.silu(self.norm1(x + params))
         x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
-        x = x + (self.skip(orig) if self.skip is not None else orig)
-        x = x * self.skip_scale
+        x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
             n, c, h, w = x.shape
             # [N, 3C, H, W] -> [N * heads, C_head, 3, H * W]: this reshape defines the interleaved layout.

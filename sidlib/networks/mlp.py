@@ -63,10 +63,9 @@ class MLPNet(torch.nn.Module):
         return song_embed(self, self.map_noise(noise_labels), class_labels, augment_labels)
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
-        n = x.shape[0]
         emb = self.embed(noise_labels, class_labels, augment_labels)
         h = self.inp(x.flatten(1))
         for block in self.blocks:
             h = block(h, emb)
         h = self.out(F.silu(self.out_norm(h)))
-        return h.reshape(n, self.out_channels, self.img_resolution, self.img_resolution)
+        return h.reshape(x.shape[0], self.out_channels, self.img_resolution, self.img_resolution)

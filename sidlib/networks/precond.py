@@ -43,27 +43,26 @@ def _jsonable(value):
     raise TypeError(f'constructor argument {value!r} of type {type(value).__name__} is not JSON-serialisable')
 
 
-def _records_init_kwargs(cls):
-    """Class decorator: ``self.init_kwargs`` = the constructor arguments actually passed (``**model_kwargs``
-    flattened in, defaults left out, as EDM's ``_init_kwargs``), so ``cls(**net.init_kwargs)`` rebuilds the net."""
-    original = cls.__init__
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        recorded = {}
-        for name, value in list(signature.bind(self, *args, **kwargs).arguments.items())[1:]:  # all but self
-            var_keyword = signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
-            recorded.update(value if var_keyword else {name: value})
-        original(self, *args, **kwargs)
-        self.init_kwargs = _jsonable(recorded)
-
-    cls.__init__ = __init__
-    return cls
-
-
 class _Precond(torch.nn.Module):
-    """Shared machinery: labels, precision and the skip combination."""
+    """Shared machinery: labels, precision, the skip combination and ``init_kwargs``; subclasses define
+    ``coefficients(sigma) -> (c_skip, c_out, c_in, c_noise)`` for fp32 ``sigma``."""
+
+    def __init_subclass__(cls, **kwargs):
+        """Subclasses record ``self.init_kwargs`` = the constructor arguments actually passed (``**model_kwargs``
+        flattened in, defaults left out, as EDM's ``_init_kwargs``), so ``cls(**net.init_kwargs)`` rebuilds the net."""
+        super().__init_subclass__(**kwargs)
+        original = cls.__init__
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def __init__(self, *args, **kwargs):
+            recorded = dict(signature.bind(self, *args, **kwargs).arguments)
+            del recorded['self']
+            recorded.update(recorded.pop('model_kwargs', {}))
+            original(self, *args, **kwargs)
+            self.init_kwargs = _jsonable(recorded)
+
+        cls.__init__ = __init__
 
     def __init__(self, img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs):
         super().__init__()
@@ -74,10 +73,6 @@ class _Precond(torch.nn.Module):
         self.precision = None  # see set_precision()
         self.model = MODEL_TYPES[model_type](img_resolution=img_resolution, in_channels=img_channels,
                                              out_channels=img_channels, label_dim=label_dim, **model_kwargs)
-
-    def coefficients(self, sigma):
-        """``(c_skip, c_out, c_in, c_noise)`` for fp32 ``sigma``."""
-        raise NotImplementedError
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
@@ -110,7 +105,6 @@ class _Precond(torch.nn.Module):
         return c_skip * x + c_out * F_x.to(torch.float32)
 
 
-@_records_init_kwargs
 class EDMPrecond(_Precond):
     """EDM preconditioning (Karras et al. 2022, Table 1): with ``s = sigma``, ``sd = sigma_data``,
     ``c_skip = sd^2 / (s^2 + sd^2)``, ``c_out = s sd / sqrt(s^2 + sd^2)``, ``c_in = 1 / sqrt(s^2 + sd^2)``,
@@ -127,7 +121,6 @@ class EDMPrecond(_Precond):
                 1 / (sd2 + sigma ** 2).sqrt(), sigma.log() / 4)
 
 
-@_records_init_kwargs
 class VPPrecond(_Precond):
     """Variance-preserving preconditioning (EDM's Table 1, "VP"): ``c_skip = 1``, ``c_out = -sigma``,
     ``c_in = 1 / sqrt(sigma^2 + 1)``, ``c_noise = (M - 1) t(sigma)`` for ``sigma(t) = sqrt(exp(beta_d t^2 / 2 +
@@ -137,8 +130,7 @@ class VPPrecond(_Precond):
                  beta_min=0.1, M=1000, epsilon_t=1e-5, model_type='SongUNet', **model_kwargs):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
-        self.sigma_min = float(self.sigma(epsilon_t))
-        self.sigma_max = float(self.sigma(1))
+        self.sigma_min, self.sigma_max = float(self.sigma(epsilon_t)), float(self.sigma(1))
 
     def sigma(self, t):
         t = torch.as_tensor(t)
@@ -152,7 +144,6 @@ class VPPrecond(_Precond):
         return torch.ones_like(sigma), -sigma, 1 / (sigma ** 2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
 
 
-@_records_init_kwargs
 class VEPrecond(_Precond):
     """Variance-exploding preconditioning (EDM's Table 1, "VE"): ``c_skip = 1``, ``c_out = sigma``, ``c_in = 1``,
     ``c_noise = ln(sigma / 2)``."""

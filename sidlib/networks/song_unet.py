@@ -21,8 +21,6 @@ class SongUNet(torch.nn.Module):
                  attn_resolutions=[16], dropout=0.10, label_dropout=0, embedding_type='positional',
                  channel_mult_noise=1, encoder_type='standard', decoder_type='standard',
                  resample_filter=[1, 1]):
-        if embedding_type not in ('fourier', 'positional'):
-            raise ValueError(f'embedding_type must be fourier or positional, not {embedding_type!r}')
         if encoder_type not in ('standard', 'skip', 'residual'):
             raise ValueError(f'encoder_type must be standard, skip or residual, not {encoder_type!r}')
         if decoder_type not in ('standard', 'skip'):
@@ -48,8 +46,7 @@ class SongUNet(torch.nn.Module):
 
         # Encoder; `caux` is the width of the auxiliary (input-image or residual) path.
         self.enc = torch.nn.ModuleDict()
-        cout = in_channels
-        caux = in_channels
+        cout = caux = in_channels
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
@@ -116,8 +113,7 @@ class SongUNet(torch.nn.Module):
                 skips.append(x)
 
         # Decoder; `aux` accumulates the output image.
-        aux = None
-        tmp = None
+        aux = tmp = None
         for name, block in self.dec.items():
             if 'aux_up' in name:
                 aux = block(aux)
