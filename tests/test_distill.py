@@ -295,6 +295,14 @@ def test_snapshot_retention_keeps_every_nth_the_newest_and_the_best(tmp_path):
     load_checkpoint(run / 'network-snapshot-000004.safetensors')
 
 
+def test_a_teacher_named_as_the_loader_names_it_is_accepted(teacher_path, tmp_path, monkeypatch):
+    """``~/<stem>`` without the suffix: the teacher check before the run and the loader find the same file."""
+    monkeypatch.setenv('HOME', str(Path(teacher_path).parent))
+    stem = '~/' + Path(teacher_path).stem
+    run = distill({**base_cfg(stem), 'iterations': 1, 'state_ticks': 0}, run_dir=tmp_path / 'run')
+    assert json.loads((run / 'config.json').read_text())['teacher'] == stem
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input is refused before anything is computed or written.
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import importlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -71,8 +70,7 @@ def build_nets(cfg: DistillConfig) -> Nets:
 
 def _checkpoint_nets(cfg: DistillConfig) -> Nets:
     src = cfg.teacher
-    if not (registry.is_url(src) or src in registry.registered_names() or Path(src).expanduser().exists()
-            or any(Path(src + suffix).is_file() for suffix in ('.safetensors', '.json', '.pkl'))):
+    if not (registry.is_url(src) or src in registry.registered_names() or registry.local_checkpoint(src)):
         raise ConfigError(f'teacher: unknown teacher {cfg.teacher!r}: not a file, directory, URL, registered '
                           f'checkpoint name, or in-process teacher ({registered_teachers()})')
     try:

@@ -14,7 +14,7 @@ from .download import DownloadError, cache_lock, download, file_sha256
 from .edm_pickle import CheckpointError
 
 __all__ = ["TEACHERS", "TEACHER_ALIASES", "OTHER_EDM_PICKLES", "SID_GENERATORS", "SID_GENERATOR_INFO",
-           "KNOWN_SHA256", "registered_names", "resolve_source", "is_url"]
+           "KNOWN_SHA256", "registered_names", "resolve_source", "local_checkpoint", "is_url"]
 
 _EDM_BASE = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 _SID_BASE = "https://huggingface.co/UT-Austin-PML/SiD/resolve/main/"
@@ -86,18 +86,24 @@ def resolve_source(source, *, cache_dir=None) -> tuple[Path, dict]:
         url = reg.get(text, text)
         prov.update({"name": text} if text in reg else {}, url=url)
         return _download_checkpoint(url, cache_dir), prov
-    path = Path(text).expanduser()
-    if path.exists():
+    path = local_checkpoint(text)
+    if path is not None:
         return path, prov
-    for suffix in (".safetensors", ".json", ".pkl"):
-        candidate = path.with_name(path.name + suffix)
-        if candidate.is_file():
-            return candidate, prov
     hint = difflib.get_close_matches(text, list(reg), n=3)
     raise CheckpointError(
         f"checkpoint {text!r} is not an existing file or directory, a file:// or http(s):// URL, "
         f"or a registered name" + (f" (did you mean {', '.join(hint)}?)" if hint else "")
         + f". Registered names: {', '.join(sorted(reg))}")
+
+
+def local_checkpoint(text: str) -> Path | None:
+    """The existing file or folder ``text`` names (``~`` expanded), else the first existing file ``text`` +
+    ``.safetensors`` / ``.json`` / ``.pkl``; None when there is none."""
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    candidates = (path.with_name(path.name + suffix) for suffix in (".safetensors", ".json", ".pkl"))
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def _download_checkpoint(url: str, cache_dir) -> Path:
